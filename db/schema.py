@@ -1,0 +1,250 @@
+"""The database schema: what was received, what ran, what it found, where it went, and the
+append-only audit trail. SQLAlchemy 2 typed declarative models; migrations live in
+``db/migrations`` and are the only way the schema changes."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(64)
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: every timestamp in the database is naive UTC."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "receiving"  # instances arriving; the quiet-period clock runs
+    ROUTED = "routed"  # the last quiet period ended and its jobs were created
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # e.g. no model installed for the pipeline
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for (re)send at next_attempt_at
+    SENDING = "sending"
+    SENT = "sent"
+    DEAD = "dead"  # dead-lettered after the last attempt or a permanent refusal
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    state: Mapped[StudyState] = mapped_column(_enum(StudyState), default=StudyState.RECEIVING)
+    run_number: Mapped[int] = mapped_column(Integer, default=0)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    routed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+    __table_args__ = (Index("ix_studies_state_last", "state", "last_received_at"),)
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    # Routing attributes, copied from the first instance (no PHI).
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(300))  # relative to ARCHIVE_DIR
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """One pipeline run on one study's inputs; the database, not the broker, is its truth."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    run_number: Mapped[int] = mapped_column(Integer)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    queue: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(128))
+    input_hash: Mapped[str] = mapped_column(String(64))
+    inputs: Mapped[list[Any]] = mapped_column(JSON)  # instance ids
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # stage -> ms
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("study_id", "pipeline", "input_hash"),
+        Index("ix_jobs_status_queued", "status", "queued_at"),
+    )
+
+
+class Result(Base):
+    """A model's finding on a job's inputs, with the provenance of the model that made it.
+
+    Unique per (study, pipeline, model version, input hash): a redelivered task finds the
+    existing row instead of making a second result.
+    """
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    input_hash: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    device_uid: Mapped[str] = mapped_column(UID)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    demo_weights: Mapped[bool] = mapped_column(Boolean)
+    finding_code: Mapped[str] = mapped_column(String(64))
+    finding_scheme: Mapped[str] = mapped_column(String(16))
+    finding_meaning: Mapped[str] = mapped_column(String(128))
+    probability: Mapped[float | None] = mapped_column(Float)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("study_id", "pipeline", "model_version", "input_hash"),)
+
+
+class OutputObject(Base):
+    """A produced object (DICOM SR/SEG, FHIR bundle) kept in the archive before delivery."""
+
+    __tablename__ = "output_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # "dicom-sr", "dicom-seg", ...
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(300))  # relative to ARCHIVE_DIR
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Delivery(Base):
+    """The outbox: one row per (object, destination); the sender works from here."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("output_objects.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(300))
+    status: Mapped[DeliveryStatus] = mapped_column(
+        _enum(DeliveryStatus), default=DeliveryStatus.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (
+        UniqueConstraint("output_id", "destination"),
+        Index("ix_deliveries_status_next", "status", "next_attempt_at"),
+    )
+
+
+class AuditEvent(Base):
+    """Append-only audit trail; each row carries the hash of the previous one."""
+
+    __tablename__ = "audit_events"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime)
+    event_type: Mapped[str] = mapped_column(String(64), index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    row_hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """A single row holding the chain's last sequence number and hash.
+
+    Writers lock it (an UPDATE) before appending, which serialises appends on every
+    database and lets ``verify`` notice a deleted last row.
+    """
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
