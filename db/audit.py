@@ -106,7 +106,10 @@ def iter_events(session: Session, batch: int = 1000) -> Iterator[AuditEvent]:
     while True:
         rows = (
             session.execute(
-                select(AuditEvent).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch)
+                select(AuditEvent)
+                .where(AuditEvent.seq > last)
+                .order_by(AuditEvent.seq)
+                .limit(batch)
             )
             .scalars()
             .all()

@@ -174,6 +174,7 @@ def upgrade() -> None:
     sa.Column('max_attempts', sa.Integer(), nullable=False),
     sa.Column('next_attempt_at', sa.DateTime(), nullable=False),
     sa.Column('lease_expires_at', sa.DateTime(), nullable=True),
+    sa.Column('enqueued_at', sa.DateTime(), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
     sa.Column('last_status', sa.String(length=32), nullable=True),
     sa.Column('created_at', sa.DateTime(), nullable=False),

@@ -1,0 +1,402 @@
+"""The ``carebridge`` command. Settings are read here, once, and passed down."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from worker.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    help="carebridge: PACS/EHR integration worker. See README.md.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+audit_app = typer.Typer(help="Read and verify the audit trail.", no_args_is_help=True)
+models_app = typer.Typer(help="Model directories.", no_args_is_help=True)
+rules_app = typer.Typer(help="Routing rules.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(audit_app, name="audit")
+app.add_typer(models_app, name="models")
+app.add_typer(rules_app, name="rules")
+
+console = Console()
+err = Console(stderr=True)
+log = logging.getLogger("carebridge")
+
+CXR_MODEL = "cxr-resnet18"
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        err.print(f"[red]carebridge: {exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    from listeners.dicom import quiet_pynetdicom
+
+    quiet_pynetdicom()
+
+
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")]
+
+
+def _database(settings: Settings, *, require_current: bool = True) -> Any:
+    from db.engine import Database
+    from db.migrate import is_current
+
+    database = Database(settings.database_url)
+    if require_current:
+        try:
+            current = is_current(database.engine)
+        except Exception as exc:
+            err.print(f"[red]carebridge: database unavailable ({type(exc).__name__})[/red]")
+            raise typer.Exit(3) from None
+        if not current:
+            err.print("[red]carebridge: the database schema is not current: run "
+                      "`carebridge db upgrade`[/red]")
+            raise typer.Exit(3)
+    return database
+
+
+# Processes -----------------------------------------------------------------------------
+
+
+def _wait_for_signal() -> threading.Event:
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    return stop
+
+
+@app.command("listen-dicom")
+def listen_dicom(
+    sweeper: Annotated[
+        bool, typer.Option(help="Also run the stability sweeper in this process.")
+    ] = True,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run the DICOM SCP (C-ECHO, C-STORE) and, by default, the sweeper."""
+    _logging(log_level)
+    settings = _settings()
+    database = _database(settings)
+    from listeners.dicom import StorageSCP
+
+    scp = StorageSCP(settings, database)
+    server = scp.start()
+    stop = _wait_for_signal()
+    sweeper_thread = None
+    if sweeper:
+        from worker.celery_app import make_celery
+        from worker.routing import RoutingRules
+        from worker.runtime import Dispatcher
+        from worker.sweeper import Sweeper
+
+        sweep = Sweeper(
+            settings, database, Dispatcher(make_celery(settings)),
+            RoutingRules.load(settings.rules_file),
+        )
+        sweeper_thread = threading.Thread(target=sweep.run, args=(stop,), name="sweeper")
+        sweeper_thread.start()
+    print("carebridge listen-dicom: ready", flush=True)
+    stop.wait()
+    server.shutdown()
+    if sweeper_thread is not None:
+        sweeper_thread.join(10)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = "gpu,cpu,deliver",
+    concurrency: Annotated[
+        int | None, typer.Option(help="Worker processes (default CAREBRIDGE_WORKER_CONCURRENCY).")
+    ] = None,
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork, solo or threads.")] = "prefork",
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run a Celery worker on the given queues."""
+    _logging(log_level)
+    settings = _settings()
+    _database(settings).dispose()
+    from worker.celery_app import QUEUES, make_celery
+    from worker.runtime import configure
+    from worker.tasks import register_tasks
+
+    unknown = set(queues.split(",")) - set(QUEUES)
+    if unknown:
+        err.print(f"[red]unknown queue(s): {', '.join(sorted(unknown))}; known: {QUEUES}[/red]")
+        raise typer.Exit(2)
+    celery = make_celery(settings)
+    register_tasks(celery)
+    configure(settings, celery)
+    n = concurrency or settings.worker_concurrency
+    # Torch threads per process: the cores shared between the worker processes.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    celery.worker_main(
+        [
+            "worker", "--queues", queues, "--concurrency", str(n), "--pool", pool,
+            "--hostname", f"carebridge-{queues.replace(',', '-')}@%h",
+            "--without-mingle", "--without-gossip", "--without-heartbeat",
+            "--loglevel", log_level.upper(),
+        ]
+    )
+
+
+def _ensure_demo_models(settings: Settings) -> None:
+    card = settings.models_dir / CXR_MODEL / "model-card.json"
+    if card.exists():
+        return
+    console.print("First run: training demo weights (generated data; a few minutes) ...")
+    subprocess.run([sys.executable, "-m", "listeners.cli", "models", "demo"], check=True)
+
+
+@app.command()
+def serve(log_level: LogLevel = "INFO") -> None:
+    """Run everything: DICOM SCP, sweeper and a worker (embedded defaults under ./var)."""
+    _logging(log_level)
+    settings = _settings()
+    from db.migrate import upgrade
+
+    upgrade(settings.database_url)
+    _ensure_demo_models(settings)
+    me = [sys.executable, "-m", "listeners.cli"]
+    children = {
+        "listen-dicom": subprocess.Popen([*me, "listen-dicom", "--log-level", log_level]),
+        "worker": subprocess.Popen([*me, "worker", "--log-level", log_level]),
+    }
+    stop = _wait_for_signal()
+    status = 0
+    while not stop.is_set():
+        for name, child in children.items():
+            if child.poll() is not None:
+                err.print(f"[red]carebridge serve: {name} exited with {child.returncode}[/red]")
+                status = 1
+                stop.set()
+        stop.wait(0.5)
+    for child in children.values():
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + 20
+    for child in children.values():
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    raise typer.Exit(status)
+
+
+# Database ------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    settings = _settings()
+    from db.migrate import upgrade
+
+    upgrade(settings.database_url, revision)
+    console.print("database schema is current")
+
+
+# Audit ---------------------------------------------------------------------------------
+
+
+@audit_app.command("studies")
+def audit_studies(limit: int = 50) -> None:
+    """List the newest studies with their state and job outcomes."""
+    from listeners.audit_views import studies_table
+
+    settings = _settings()
+    console.print(studies_table(_database(settings), limit))
+
+
+@audit_app.command("show")
+def audit_show(
+    study_instance_uid: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Everything recorded about one study: instances, jobs, results, deliveries, events."""
+    from listeners.audit_views import study_report
+
+    settings = _settings()
+    report = study_report(_database(settings), study_instance_uid)
+    if report is None:
+        err.print("no such study")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        from listeners.audit_views import render_report
+
+        render_report(console, report)
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the audit trail's hash chain; exit 1 on any edited or deleted event."""
+    from db import audit
+
+    settings = _settings()
+    database = _database(settings)
+    with database.session() as session:
+        count, breaks = audit.verify(session)
+    if breaks:
+        for item in breaks:
+            err.print(f"[red]audit chain broken at event {item.seq}: {item.reason}[/red]")
+        raise typer.Exit(1)
+    console.print(f"audit chain intact: {count} events verified")
+
+
+# Sending -------------------------------------------------------------------------------
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders.")],
+    to: Annotated[
+        str | None, typer.Option("--to", help="AE@HOST:PORT (default: this carebridge's SCP).")
+    ] = None,
+    calling_ae: Annotated[str, typer.Option(help="Our calling AE title.")] = "CAREBRIDGE-SCU",
+) -> None:
+    """C-STORE files or folders to a DICOM peer, with a progress bar."""
+    from rich.progress import Progress
+
+    from worker.senders.dicom import DeliveryError, parse_destinations, send_files
+
+    settings = _settings()
+    target = to or f"{settings.dicom_ae_title}@{settings.dicom_host}:{settings.dicom_port}"
+    try:
+        (destination,) = parse_destinations(target)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    files = sorted(
+        {f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()}
+    )
+    if not files:
+        err.print("[red]no files found[/red]")
+        raise typer.Exit(2)
+    failures = 0
+    with Progress(console=err) as progress:
+        task = progress.add_task(f"C-STORE to {target}", total=len(files))
+        for start in range(0, len(files), 200):  # one association per 200 files
+            batch = files[start : start + 200]
+            try:
+                statuses = send_files(
+                    destination, batch, calling_ae=calling_ae,
+                    progress=lambda: progress.advance(task),
+                )
+            except DeliveryError as exc:
+                err.print(f"[red]{exc}[/red]")
+                raise typer.Exit(1) from None
+            failures += sum(1 for status in statuses if status not in (0, 0xB000, 0xB006, 0xB007))
+    console.print(f"sent {len(files) - failures} of {len(files)} files to {target}")
+    if failures:
+        raise typer.Exit(1)
+
+
+# Models --------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the model directories under MODELS_DIR and whether they load."""
+    from models.card import list_model_dirs
+
+    settings = _settings()
+    table = Table("directory", "name", "version", "task", "weights sha256", "demo", "status")
+    for path, card in list_model_dirs(settings.models_dir):
+        if isinstance(card, Exception):
+            table.add_row(path.name, "", "", "", "", "", f"[red]{card}[/red]")
+        else:
+            table.add_row(
+                path.name, card.name, card.version, card.task, card.weights.sha256[:16],
+                "yes" if card.demo else "no", "ok",
+            )
+    console.print(table)
+
+
+@models_app.command("demo")
+def models_demo(
+    force: Annotated[bool, typer.Option(help="Retrain even when demo weights exist.")] = False,
+    images_per_class: Annotated[
+        int | None, typer.Option(help="Generated images per class.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+) -> None:
+    """Train demo weights for every pipeline on generated data (offline, idempotent)."""
+    from models.cxr.train import train_demo
+
+    from models.card import ModelLoadError, read_model_card, verify_weights
+
+    settings = _settings()
+    target = settings.models_dir / CXR_MODEL
+    if not force and (target / "model-card.json").exists():
+        try:
+            verify_weights(target, read_model_card(target))
+            console.print(f"{CXR_MODEL}: demo weights present ({target})")
+            return
+        except ModelLoadError as exc:
+            console.print(f"{CXR_MODEL}: existing weights refused ({exc}); retraining")
+    options: dict[str, Any] = {}
+    if images_per_class is not None:
+        options["images_per_class"] = images_per_class
+    if epochs is not None:
+        options["epochs"] = epochs
+    card = train_demo(target, progress=lambda line: console.print(line), **options)
+    console.print(f"{CXR_MODEL}: trained {card.version}; metrics {json.dumps(card.metrics)}")
+
+
+# Rules ---------------------------------------------------------------------------------
+
+
+@rules_app.command("test")
+def rules_test(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders.")],
+    rules_file: Annotated[
+        Path | None, typer.Option("--rules", help="Rules file (default: CAREBRIDGE_RULES_FILE).")
+    ] = None,
+) -> None:
+    """Explain which pipelines the routing rules would run on these files, and why."""
+    from worker.routing import RoutingRules, RulesError, explain_paths
+
+    settings = _settings()
+    try:
+        rules = RoutingRules.load(rules_file or settings.rules_file)
+    except RulesError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    print(explain_paths(rules, paths))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

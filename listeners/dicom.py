@@ -1,0 +1,335 @@
+"""The DICOM SCP: C-ECHO and C-STORE into the archive, one committed row per instance.
+
+The C-STORE handler is thin on purpose: check the identifiers, write the bytes exactly as
+received (file meta + ``event.encoded_dataset()``) to a temporary file, fsync, link it into
+place, commit the row, answer. No decoding of pixel data, no inference, no broker: the
+sweeper turns committed rows into work, so a broker outage never refuses a study.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    evt,
+)
+from pynetdicom.sop_class import Verification
+from sqlalchemy.exc import SQLAlchemyError
+
+from db import audit
+from db.engine import Database
+from db.ingest import ReceivedInstance, instance_exists, record_instance
+from worker.routing import series_attributes
+from worker.settings import Settings
+
+log = logging.getLogger("carebridge.dicom")
+
+# C-STORE statuses (PS3.4 B.2.3). 0xA7xx: the sender should retry; 0xCxxx / 0xA9xx: never.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES_DISK = 0xA700
+STATUS_OUT_OF_RESOURCES_DATABASE = 0xA701
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_INVALID_UID = 0xC211
+STATUS_UID_MISMATCH = 0xC212
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+UID_ATTRIBUTES = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def is_valid_uid(value: object) -> bool:
+    """A UID as PS3.5 9.1 defines it: digits and dots, no leading zeros, at most 64 chars."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+
+
+def uid_digest(uid: str) -> str:
+    """A short, stable digest of a UID, for logs (UIDs can identify a patient's study)."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+def instance_relpath(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """Archive path of an instance, built only from validated UIDs."""
+    for uid in (study_uid, series_uid, sop_uid):
+        if not is_valid_uid(uid):
+            raise ValueError("refusing to build a path from an invalid UID")
+    return f"instances/{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(final: Path, payload: bytes, *, replace: bool = False) -> bool:
+    """Write ``payload`` to ``final`` via a synced temporary file and an atomic link.
+
+    An existing ``final`` is left untouched (returns False) unless ``replace`` is set.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        view = memoryview(payload)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        try:
+            os.link(tmp, final)  # atomic, and never replaces an existing file
+        except FileExistsError:
+            if not replace:
+                return False
+            os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(final.parent)
+    return True
+
+
+@dataclass
+class _AssociationTally:
+    calling_ae: str
+    peer: str
+    stored: int = 0
+    duplicates: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    studies: set[str] = field(default_factory=set)
+
+
+class StorageSCP:
+    """Receives instances into ``archive_dir`` and records them in ``database``."""
+
+    def __init__(self, settings: Settings, database: Database) -> None:
+        self.settings = settings
+        self.database = database
+        self.archive_dir = settings.archive_dir.resolve()
+        self._tallies: dict[int, _AssociationTally] = {}
+        self._lock = threading.Lock()
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.dicom_ae_title)
+        ae.maximum_associations = self.settings.dicom_max_associations
+        ae.require_called_aet = True  # wrong called AE: rejected (1, 1, 7)
+        if self.settings.dicom_allowed_aes:
+            ae.require_calling_aet = list(self.settings.dicom_allowed_aes)  # (1, 1, 3)
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    # Events -------------------------------------------------------------------------
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_RELEASED, self.handle_closed),
+            (evt.EVT_ABORTED, self.handle_closed),
+            (evt.EVT_REJECTED, self.handle_rejected),
+        ]
+
+    def handle_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def handle_accepted(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        with self._lock:
+            self._tallies[id(event.assoc)] = _AssociationTally(
+                calling_ae=str(requestor.ae_title).strip(), peer=str(requestor.address)
+            )
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        calling = str(requestor.ae_title).strip()
+        log.warning("association from calling AE %r (%s) rejected", calling, requestor.address)
+        try:
+            with self.database.session() as session:
+                audit.append(
+                    session,
+                    "dicom.association_rejected",
+                    actor="listener",
+                    calling_ae=calling,
+                    called_ae=str(event.assoc.acceptor.ae_title).strip(),
+                    peer=str(requestor.address),
+                )
+        except SQLAlchemyError:
+            log.exception("could not audit a rejected association")
+
+    def handle_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            tally = self._tallies.pop(id(event.assoc), None)
+        if tally is None or not (tally.stored or tally.duplicates or tally.failed):
+            return
+        log.info(
+            "association from %s closed: %d stored, %d duplicate, %d failed",
+            tally.calling_ae,
+            tally.stored,
+            tally.duplicates,
+            sum(tally.failed.values()),
+        )
+        try:
+            with self.database.session() as session:
+                for study_uid in sorted(tally.studies) or [None]:
+                    audit.append(
+                        session,
+                        "dicom.received",
+                        actor="listener",
+                        study_instance_uid=study_uid,
+                        calling_ae=tally.calling_ae,
+                        peer=tally.peer,
+                        stored=tally.stored,
+                        duplicates=tally.duplicates,
+                        failed=tally.failed,
+                        aborted=event.event is evt.EVT_ABORTED,
+                    )
+        except SQLAlchemyError:
+            log.exception("could not audit an association")
+
+    def _count(self, event: evt.Event, outcome: str, study_uid: str | None = None) -> None:
+        with self._lock:
+            tally = self._tallies.get(id(event.assoc))
+            if tally is None:
+                return
+            if outcome == "stored":
+                tally.stored += 1
+            elif outcome == "duplicate":
+                tally.duplicates += 1
+            else:
+                tally.failed[outcome] = tally.failed.get(outcome, 0) + 1
+            if study_uid is not None:
+                tally.studies.add(study_uid)
+
+    def handle_store(self, event: evt.Event) -> int:
+        """C-STORE: validate, write durably, commit the row, answer."""
+        try:
+            dataset: Dataset = event.dataset
+            uids = {name: dataset.get(name) for name in UID_ATTRIBUTES}
+            attributes = series_attributes(dataset)
+        except Exception:  # undecodable bytes: never log the dataset
+            self._count(event, "undecodable")
+            log.warning("C-STORE refused: dataset cannot be decoded")
+            return STATUS_CANNOT_UNDERSTAND
+        uids = {name: str(value) if value is not None else None for name, value in uids.items()}
+        invalid = [name for name, value in uids.items() if not is_valid_uid(value)]
+        if invalid:
+            self._count(event, "invalid_uid")
+            log.warning("C-STORE refused: invalid or missing %s", ", ".join(invalid))
+            return STATUS_INVALID_UID
+        request = event.request
+        if uids["SOPClassUID"] != str(request.AffectedSOPClassUID):
+            self._count(event, "sop_class_mismatch")
+            return STATUS_DATASET_MISMATCH
+        if uids["SOPInstanceUID"] != str(request.AffectedSOPInstanceUID):
+            self._count(event, "sop_instance_mismatch")
+            return STATUS_UID_MISMATCH
+        study_uid = str(uids["StudyInstanceUID"])
+        sop_uid = str(uids["SOPInstanceUID"])
+        relpath = instance_relpath(study_uid, str(uids["SeriesInstanceUID"]), sop_uid)
+
+        try:
+            with self.database.session() as session:
+                if instance_exists(session, sop_uid):
+                    self._count(event, "duplicate", study_uid)
+                    return STATUS_SUCCESS
+        except SQLAlchemyError:
+            self._count(event, "database_unavailable")
+            log.error("C-STORE refused (out of resources): database unavailable")
+            return STATUS_OUT_OF_RESOURCES_DATABASE
+
+        payload = event.encoded_dataset(include_meta=True)
+        final = self.archive_dir / relpath
+        try:
+            # No row exists, so a file already there is the remains of a crash before the
+            # commit: replace it.
+            write_durably(final, payload, replace=True)
+        except OSError as exc:
+            self._count(event, "disk_unavailable")
+            log.error("C-STORE refused (out of resources): archive write failed: %s", exc.strerror)
+            return STATUS_OUT_OF_RESOURCES_DISK
+
+        received = ReceivedInstance(
+            study_instance_uid=study_uid,
+            series_instance_uid=str(uids["SeriesInstanceUID"]),
+            sop_instance_uid=sop_uid,
+            sop_class_uid=str(uids["SOPClassUID"]),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            path=relpath,
+            size_bytes=len(payload),
+            sha256=hashlib.sha256(payload).hexdigest(),
+            calling_ae=str(event.assoc.requestor.ae_title).strip()[:16],
+            series_attributes=attributes,
+        )
+        try:
+            with self.database.session() as session:
+                new = record_instance(session, received)
+        except SQLAlchemyError:
+            # Nothing half-written: no row, so no file either.
+            final.unlink(missing_ok=True)
+            self._count(event, "database_unavailable")
+            log.error("C-STORE refused (out of resources): database unavailable")
+            return STATUS_OUT_OF_RESOURCES_DATABASE
+        self._count(event, "stored" if new else "duplicate", study_uid)
+        log.debug("stored instance %s of study %s", uid_digest(sop_uid), uid_digest(study_uid))
+        return STATUS_SUCCESS
+
+    # Server -------------------------------------------------------------------------
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The server TLS context (mutual when a CA is configured), or None."""
+        settings = self.settings
+        if settings.dicom_tls_cert is None or settings.dicom_tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(settings.dicom_tls_cert, settings.dicom_tls_key)
+        if settings.dicom_tls_ca is not None:
+            context.load_verify_locations(settings.dicom_tls_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def start(self) -> Any:
+        """Start serving in background threads; returns the pynetdicom server."""
+        self.archive_dir.mkdir(parents=True, exist_ok=True)
+        server = self.ae.start_server(
+            (self.settings.dicom_host, self.settings.dicom_port),
+            block=False,
+            evt_handlers=self.handlers(),
+            ssl_context=self.tls_context(),
+        )
+        log.info(
+            "DICOM SCP %s listening on %s:%d",
+            self.settings.dicom_ae_title,
+            self.settings.dicom_host,
+            self.settings.dicom_port,
+        )
+        return server
+
+
+def quiet_pynetdicom() -> None:
+    """pynetdicom logs dataset contents at DEBUG: keep it at WARNING (no PHI in logs)."""
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)

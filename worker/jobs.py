@@ -1,0 +1,150 @@
+"""Running a job: claim it in the database, run its pipeline, record the outcome.
+
+A job is claimed with a conditional UPDATE (queued -> running, attempts + 1, a lease), so a
+redelivered or duplicated task finds nothing to do. Attempts are counted in the database;
+after ``max_attempts`` the job is FAILED. A pipeline commits its result, output objects,
+deliveries and the job's success in one transaction, then the deliveries are published.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from db import audit
+from db.schema import Job, JobStatus, Study, utcnow
+from worker.runtime import Runtime
+
+log = logging.getLogger("carebridge.jobs")
+
+
+class PermanentJobError(Exception):
+    """The job can never succeed as configured (no model, unreadable input...)."""
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A snapshot of a claimed job, usable outside the claiming transaction."""
+
+    id: int
+    study_id: int
+    study_instance_uid: str
+    run_number: int
+    pipeline: str
+    model: str
+    input_hash: str
+    inputs: tuple[int, ...]
+    attempt: int
+    max_attempts: int
+    queue: str
+
+
+def claim_job(runtime: Runtime, job_id: int) -> ClaimedJob | None:
+    """Take the job if it is queued; None when another worker has it or it is finished."""
+    now = utcnow()
+    lease = now + timedelta(seconds=runtime.settings.job_lease_seconds)
+    with runtime.database.session() as session:
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=Job.attempts + 1,
+                lease_owner=runtime.owner,
+                lease_expires_at=lease,
+                started_at=now,
+                error=None,
+            )
+        )
+        if claimed.rowcount != 1:
+            return None
+        job = session.get(Job, job_id)
+        assert job is not None
+        study_uid = session.execute(
+            select(Study.study_instance_uid).where(Study.id == job.study_id)
+        ).scalar_one()
+        audit.append(
+            session,
+            "job.started",
+            actor=runtime.owner,
+            study_instance_uid=study_uid,
+            job=job.id,
+            pipeline=job.pipeline,
+            attempt=job.attempts,
+            max_attempts=job.max_attempts,
+        )
+        return ClaimedJob(
+            id=job.id,
+            study_id=job.study_id,
+            study_instance_uid=study_uid,
+            run_number=job.run_number,
+            pipeline=job.pipeline,
+            model=job.model,
+            input_hash=job.input_hash,
+            inputs=tuple(job.inputs),
+            attempt=job.attempts,
+            max_attempts=job.max_attempts,
+            queue=job.queue,
+        )
+
+
+def _finish_failed(runtime: Runtime, job: ClaimedJob, error: str, *, retry: bool) -> bool:
+    """Record a failed attempt; returns True when the job was re-queued."""
+    now = utcnow()
+    requeue = retry and job.attempt < job.max_attempts
+    with runtime.database.session() as session:
+        row = session.get(Job, job.id)
+        if row is None or row.status != JobStatus.RUNNING or row.lease_owner != runtime.owner:
+            return False  # the lease was taken over meanwhile
+        row.error = error
+        row.lease_owner = None
+        row.lease_expires_at = None
+        if requeue:
+            row.status = JobStatus.QUEUED
+            row.queued_at = now
+        else:
+            row.status = JobStatus.FAILED
+            row.finished_at = now
+        audit.append(
+            session,
+            "job.retry" if requeue else "job.failed",
+            actor=runtime.owner,
+            study_instance_uid=job.study_instance_uid,
+            job=job.id,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            error=error,
+        )
+    return requeue
+
+
+def execute_job(runtime: Runtime, job_id: int) -> None:
+    """Task body of ``carebridge.run_job``."""
+    from worker.pipelines import get_pipeline  # imports model code only in workers
+
+    job = claim_job(runtime, job_id)
+    if job is None:
+        log.info("job %d: nothing to do (finished, or held by another worker)", job_id)
+        return
+    started = time.perf_counter()
+    log.info("job %d (%s) attempt %d/%d", job.id, job.pipeline, job.attempt, job.max_attempts)
+    try:
+        pipeline = get_pipeline(job.pipeline)
+        delivery_ids = pipeline(runtime, job)
+    except PermanentJobError as exc:
+        log.error("job %d failed permanently: %s", job.id, exc)
+        _finish_failed(runtime, job, str(exc), retry=False)
+        return
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        log.exception("job %d attempt %d failed", job.id, job.attempt)
+        if _finish_failed(runtime, job, error, retry=True):
+            runtime.dispatcher.publish_job(job.id, job.queue)
+        return
+    for delivery_id in delivery_ids:
+        runtime.dispatcher.publish_delivery(delivery_id)
+    log.info("job %d succeeded in %.0f ms", job.id, (time.perf_counter() - started) * 1000)

@@ -1,0 +1,25 @@
+"""Pipelines by name. A pipeline runs a claimed job and returns the delivery ids to publish.
+
+Imported only by workers: pipelines import model code (torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from worker.jobs import ClaimedJob, PermanentJobError
+from worker.runtime import Runtime
+
+Pipeline = Callable[[Runtime, ClaimedJob], list[int]]
+
+
+def get_pipeline(name: str) -> Pipeline:
+    """The implementation of pipeline ``name``; PermanentJobError when there is none."""
+    if name == "cxr-classification":
+        from worker.pipelines.cxr import run_cxr_classification
+
+        return run_cxr_classification
+    raise PermanentJobError(
+        f"pipeline {name!r} is not implemented in this version of carebridge; "
+        "remove it from the routing rules or upgrade"
+    )

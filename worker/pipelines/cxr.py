@@ -1,0 +1,139 @@
+"""Chest X-ray classification: images -> ResNet-18 -> one finding -> DICOM SR (TID 1500)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+
+from models.card import ModelLoadError
+from models.cxr.classifier import CxrClassifier
+from worker.jobs import ClaimedJob, PermanentJobError
+from worker.outputs.dicom_sr import (
+    ClassificationFinding,
+    SRReference,
+    build_classification_sr,
+    write_and_read_back,
+)
+from worker.results import (
+    WrittenOutput,
+    complete_job,
+    get_or_create_output,
+    get_or_create_result,
+    load_inputs,
+    previous_output,
+    sha256_file,
+)
+from worker.runtime import Runtime
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def load_classifier(runtime: Runtime, model_name: str) -> CxrClassifier:
+    """The classifier of ``model_name``, loaded once per worker process."""
+    model_dir = runtime.settings.models_dir / model_name
+    try:
+        classifier: CxrClassifier = runtime.model(
+            f"cxr:{model_dir.resolve()}",
+            lambda: CxrClassifier.load(model_dir, device=runtime.settings.device),
+        )
+    except ModelLoadError as exc:
+        raise PermanentJobError(f"model {model_name!r}: {exc}") from exc
+    return classifier
+
+
+def output_relpath(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    return f"outputs/{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+def run_cxr_classification(runtime: Runtime, job: ClaimedJob) -> list[int]:
+    """Classify the job's images; one finding per study (mean of per-image probabilities)."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    archive = runtime.settings.archive_dir.resolve()
+    with runtime.database.session() as session:
+        instances = load_inputs(session, job)
+    if not instances:
+        raise PermanentJobError("the job's input instances are gone")
+    datasets = [pydicom.dcmread(archive / instance.path) for instance in instances]
+    timings["read_ms"] = (time.perf_counter() - clock) * 1000
+
+    clock = time.perf_counter()
+    classifier = load_classifier(runtime, job.model)
+    timings["model_load_ms"] = (time.perf_counter() - clock) * 1000
+
+    clock = time.perf_counter()
+    try:
+        per_image = classifier.predict_datasets(datasets)
+    except ValueError as exc:  # e.g. colour or multi-frame images the model cannot read
+        raise PermanentJobError(f"input not suitable for {job.model}: {exc}") from exc
+    timings["inference_ms"] = (time.perf_counter() - clock) * 1000
+
+    clock = time.perf_counter()
+    labels = classifier.card.coded_labels
+    mean = np.mean(
+        [[image.probabilities[label.name] for label in labels] for image in per_image], axis=0
+    )
+    best = int(np.argmax(mean))
+    probabilities = {label.name: float(mean[i]) for i, label in enumerate(labels)}
+    finding = ClassificationFinding(
+        label=labels[best], probability=float(mean[best]), probabilities=probabilities
+    )
+    provenance = classifier.provenance
+    details = {
+        "probabilities": probabilities,
+        "per_image": [
+            {"instance": instance.id, "label": image.label.name, "probability": image.probability}
+            for instance, image in zip(instances, per_image, strict=True)
+        ],
+    }
+    with runtime.database.session() as session:
+        result, _ = get_or_create_result(
+            session, job, provenance, finding.label, finding.probability, details
+        )
+        output = get_or_create_output(
+            session,
+            result,
+            "dicom-sr",
+            COMPREHENSIVE_3D_SR,
+            lambda: (generate_uid(), generate_uid()),
+        )
+        before = previous_output(session, job, "dicom-sr", result.id)
+        predecessor = (
+            SRReference(
+                study_instance_uid=job.study_instance_uid,
+                series_instance_uid=str(before.series_instance_uid),
+                sop_class_uid=str(before.sop_class_uid),
+                sop_instance_uid=str(before.sop_instance_uid),
+            )
+            if before is not None
+            else None
+        )
+        # The stored result is the truth: a rerun rebuilds the same SR from it.
+        stored_finding = ClassificationFinding(
+            label=next(label for label in labels if label.code_value == result.finding_code),
+            probability=float(result.probability or 0.0),
+            probabilities=dict(result.details.get("probabilities", probabilities)),
+        )
+        result_id, created_at = result.id, result.created_at
+        series_uid, sop_uid = str(output.series_instance_uid), str(output.sop_instance_uid)
+        output_id = output.id
+
+    sr = build_classification_sr(
+        datasets,
+        stored_finding,
+        provenance,
+        series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid,
+        predecessor=predecessor,
+        content_datetime=created_at,
+    )
+    relpath = output_relpath(job.study_instance_uid, series_uid, sop_uid)
+    write_and_read_back(sr, archive / relpath)
+    timings["sr_ms"] = (time.perf_counter() - clock) * 1000
+    timings["total_ms"] = sum(timings.values())
+    written = WrittenOutput(output_id, relpath, sha256_file(Path(archive / relpath)))
+    return complete_job(runtime, job, result_id, [written], timings)
