@@ -9,6 +9,7 @@ sweeper turns committed rows into work, so a broker outage never refuses a study
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.filereader import data_element_generator
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -103,6 +106,22 @@ def write_durably(final: Path, payload: bytes, *, replace: bool = False) -> bool
         tmp.unlink(missing_ok=True)
     _fsync_dir(final.parent)
     return True
+
+
+def check_complete(encoded: bytes, *, implicit_vr: bool, little_endian: bool) -> None:
+    """Raise ValueError unless ``encoded`` is a sequence of whole data elements.
+
+    pydicom decodes a truncated value silently (a short PixelData, say); storing such an
+    instance and answering success would lose data, so the element lengths are checked.
+    """
+    stream = io.BytesIO(encoded)
+    consumed = 0
+    for raw in data_element_generator(stream, implicit_vr, little_endian, defer_size=None):
+        if raw.length != 0xFFFFFFFF and raw.value is not None and len(raw.value) != raw.length:
+            raise ValueError("a data element is truncated")
+        consumed = stream.tell()
+    if consumed != len(encoded):
+        raise ValueError("the dataset ends inside a data element")
 
 
 @dataclass
@@ -227,6 +246,13 @@ class StorageSCP:
     def handle_store(self, event: evt.Event) -> int:
         """C-STORE: validate, write durably, commit the row, answer."""
         try:
+            transfer_syntax = event.context.transfer_syntax
+            if transfer_syntax != DeflatedExplicitVRLittleEndian:
+                check_complete(
+                    event.request.DataSet.getvalue(),
+                    implicit_vr=transfer_syntax.is_implicit_VR,
+                    little_endian=transfer_syntax.is_little_endian,
+                )
             dataset: Dataset = event.dataset
             uids = {name: dataset.get(name) for name in UID_ATTRIBUTES}
             attributes = series_attributes(dataset)
