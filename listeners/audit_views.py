@@ -163,7 +163,9 @@ def study_report(database: Database, study_instance_uid: str) -> dict[str, Any] 
 
 
 def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
-    table = Table(*columns, title=title, title_justify="left")
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
     return table

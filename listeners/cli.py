@@ -33,7 +33,8 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(models_app, name="models")
 app.add_typer(rules_app, name="rules")
 
-console = Console()
+# Piped output (audit reports into a file or grep) is not cut to 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=240)
 err = Console(stderr=True)
 log = logging.getLogger("carebridge")
 

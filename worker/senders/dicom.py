@@ -31,7 +31,7 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,8 +247,11 @@ def send_files(
     calling_ae: str = "CAREBRIDGE",
     timeout: float = 30,
     tls: ssl.SSLContext | None = None,
+    progress: Callable[[], object] | None = None,
 ) -> list[int]:
     """Send DICOM files to ``destination`` over one association; return their statuses.
+
+    ``progress`` is called after each file is stored (e.g. to advance a progress bar).
 
     The association proposes one presentation context per distinct (SOP class,
     transfer syntax) of the files, nothing else, so each file goes in its own transfer
@@ -338,6 +341,8 @@ def send_files(
                     code,
                 )
             statuses.append(code)
+            if progress is not None:
+                progress()
     except BaseException:
         if assoc.is_established:
             assoc.abort()
