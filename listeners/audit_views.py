@@ -35,8 +35,11 @@ def studies_table(database: Database, limit: int) -> Table:
             )
             jobs = ", ".join(f"{count} {status.value}" for status, count in statuses.items())
             table.add_row(
-                study.study_instance_uid, study.state.value, str(study.run_number),
-                str(study.instance_count), jobs or "-",
+                study.study_instance_uid,
+                study.state.value,
+                str(study.run_number),
+                str(study.instance_count),
+                jobs or "-",
                 study.last_received_at.isoformat(timespec="seconds"),
             )
     return table
@@ -63,14 +66,20 @@ def study_report(database: Database, study_instance_uid: str) -> dict[str, Any] 
         jobs = session.execute(
             select(Job).where(Job.study_id == study.id).order_by(Job.id)
         ).scalars()
-        results = session.execute(
-            select(Result).where(Result.study_id == study.id).order_by(Result.id)
-        ).scalars().all()
-        outputs = session.execute(
-            select(OutputObject)
-            .where(OutputObject.result_id.in_([r.id for r in results]))
-            .order_by(OutputObject.id)
-        ).scalars().all()
+        results = (
+            session.execute(select(Result).where(Result.study_id == study.id).order_by(Result.id))
+            .scalars()
+            .all()
+        )
+        outputs = (
+            session.execute(
+                select(OutputObject)
+                .where(OutputObject.result_id.in_([r.id for r in results]))
+                .order_by(OutputObject.id)
+            )
+            .scalars()
+            .all()
+        )
         deliveries = session.execute(
             select(Delivery)
             .where(Delivery.output_id.in_([o.id for o in outputs]))
@@ -109,52 +118,77 @@ def study_report(database: Database, study_instance_uid: str) -> dict[str, Any] 
             ],
             "jobs": [
                 {
-                    "id": j.id, "run": j.run_number, "pipeline": j.pipeline, "queue": j.queue,
-                    "status": j.status.value, "attempts": j.attempts,
-                    "max_attempts": j.max_attempts, "inputs": len(j.inputs),
-                    "input_hash": j.input_hash, "created_at": j.created_at,
-                    "started_at": j.started_at, "finished_at": j.finished_at,
-                    "timings_ms": j.timings, "error": j.error,
+                    "id": j.id,
+                    "run": j.run_number,
+                    "pipeline": j.pipeline,
+                    "queue": j.queue,
+                    "status": j.status.value,
+                    "attempts": j.attempts,
+                    "max_attempts": j.max_attempts,
+                    "inputs": len(j.inputs),
+                    "input_hash": j.input_hash,
+                    "created_at": j.created_at,
+                    "started_at": j.started_at,
+                    "finished_at": j.finished_at,
+                    "timings_ms": j.timings,
+                    "error": j.error,
                 }
                 for j in jobs
             ],
             "results": [
                 {
-                    "id": r.id, "job": r.job_id, "pipeline": r.pipeline,
+                    "id": r.id,
+                    "job": r.job_id,
+                    "pipeline": r.pipeline,
                     "finding": {
-                        "code": r.finding_code, "scheme": r.finding_scheme,
+                        "code": r.finding_code,
+                        "scheme": r.finding_scheme,
                         "meaning": r.finding_meaning,
                     },
                     "probability": r.probability,
                     "model": {
-                        "name": r.model_name, "version": r.model_version,
-                        "device_uid": r.device_uid, "weights_sha256": r.weights_sha256,
+                        "name": r.model_name,
+                        "version": r.model_version,
+                        "device_uid": r.device_uid,
+                        "weights_sha256": r.weights_sha256,
                         "demo_weights": r.demo_weights,
                     },
-                    "details": r.details, "created_at": r.created_at,
+                    "details": r.details,
+                    "created_at": r.created_at,
                 }
                 for r in results
             ],
             "outputs": [
                 {
-                    "id": o.id, "result": o.result_id, "kind": o.kind,
+                    "id": o.id,
+                    "result": o.result_id,
+                    "kind": o.kind,
                     "sop_instance_uid": o.sop_instance_uid,
-                    "series_instance_uid": o.series_instance_uid, "sha256": o.sha256,
+                    "series_instance_uid": o.series_instance_uid,
+                    "sha256": o.sha256,
                 }
                 for o in outputs
             ],
             "deliveries": [
                 {
-                    "id": d.id, "output": d.output_id, "destination": d.destination,
-                    "status": d.status.value, "attempts": d.attempts,
-                    "max_attempts": d.max_attempts, "last_status": d.last_status,
-                    "last_error": d.last_error, "sent_at": d.sent_at,
+                    "id": d.id,
+                    "output": d.output_id,
+                    "destination": d.destination,
+                    "status": d.status.value,
+                    "attempts": d.attempts,
+                    "max_attempts": d.max_attempts,
+                    "last_status": d.last_status,
+                    "last_error": d.last_error,
+                    "sent_at": d.sent_at,
                 }
                 for d in deliveries
             ],
             "events": [
                 {
-                    "seq": e.seq, "at": e.occurred_at, "type": e.event_type, "actor": e.actor,
+                    "seq": e.seq,
+                    "at": e.occurred_at,
+                    "type": e.event_type,
+                    "actor": e.actor,
                     "detail": e.detail,
                 }
                 for e in events
@@ -179,18 +213,44 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         f"{study['run']}, {study['instances']} instances, last received "
         f"{study['last_received_at']} UTC"
     )
-    console.print(_table("Series", report["series"],
-                         ["series_instance_uid", "Modality", "BodyPartExamined", "instances"]))
-    console.print(_table("Instances received", report["instances"],
-                         ["sop_instance_uid", "calling_ae", "size_bytes", "received_at"]))
-    console.print(_table("Jobs", report["jobs"],
-                         ["id", "run", "pipeline", "status", "attempts", "max_attempts",
-                          "started_at", "finished_at", "timings_ms", "error"]))
+    console.print(
+        _table(
+            "Series",
+            report["series"],
+            ["series_instance_uid", "Modality", "BodyPartExamined", "instances"],
+        )
+    )
+    console.print(
+        _table(
+            "Instances received",
+            report["instances"],
+            ["sop_instance_uid", "calling_ae", "size_bytes", "received_at"],
+        )
+    )
+    console.print(
+        _table(
+            "Jobs",
+            report["jobs"],
+            [
+                "id",
+                "run",
+                "pipeline",
+                "status",
+                "attempts",
+                "max_attempts",
+                "started_at",
+                "finished_at",
+                "timings_ms",
+                "error",
+            ],
+        )
+    )
     results = [
         {
-            "id": r["id"], "pipeline": r["pipeline"],
+            "id": r["id"],
+            "pipeline": r["pipeline"],
             "finding": f"{r['finding']['meaning']} ({r['finding']['scheme']} "
-                       f"{r['finding']['code']})",
+            f"{r['finding']['code']})",
             "probability": f"{r['probability']:.3f}" if r["probability"] is not None else "",
             "model": f"{r['model']['name']} {r['model']['version']}",
             "weights sha256": r["model"]["weights_sha256"],
@@ -198,13 +258,22 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         }
         for r in report["results"]
     ]
-    console.print(_table("Results", results,
-                         ["id", "pipeline", "finding", "probability", "model",
-                          "weights sha256", "demo"]))
-    console.print(_table("Outputs", report["outputs"],
-                         ["id", "kind", "sop_instance_uid", "sha256"]))
-    console.print(_table("Deliveries", report["deliveries"],
-                         ["id", "destination", "status", "attempts", "last_status",
-                          "last_error", "sent_at"]))
+    console.print(
+        _table(
+            "Results",
+            results,
+            ["id", "pipeline", "finding", "probability", "model", "weights sha256", "demo"],
+        )
+    )
+    console.print(
+        _table("Outputs", report["outputs"], ["id", "kind", "sop_instance_uid", "sha256"])
+    )
+    console.print(
+        _table(
+            "Deliveries",
+            report["deliveries"],
+            ["id", "destination", "status", "attempts", "last_status", "last_error", "sent_at"],
+        )
+    )
     events = [{**e, "detail": str(e["detail"])[:120]} for e in report["events"]]
     console.print(_table("Audit events", events, ["seq", "at", "type", "actor", "detail"]))

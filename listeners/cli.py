@@ -74,8 +74,10 @@ def _database(settings: Settings, *, require_current: bool = True) -> Any:
             err.print(f"[red]carebridge: database unavailable ({type(exc).__name__})[/red]")
             raise typer.Exit(3) from None
         if not current:
-            err.print("[red]carebridge: the database schema is not current: run "
-                      "`carebridge db upgrade`[/red]")
+            err.print(
+                "[red]carebridge: the database schema is not current: run "
+                "`carebridge db upgrade`[/red]"
+            )
             raise typer.Exit(3)
     return database
 
@@ -118,7 +120,9 @@ def listen_dicom(
         from worker.sweeper import Sweeper
 
         sweep = Sweeper(
-            settings, database, Dispatcher(make_celery(settings)),
+            settings,
+            database,
+            Dispatcher(make_celery(settings)),
             RoutingRules.load(settings.rules_file),
         )
         sweeper_thread = threading.Thread(target=sweep.run, args=(stop,), name="sweeper")
@@ -159,10 +163,20 @@ def worker(
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     celery.worker_main(
         [
-            "worker", "--queues", queues, "--concurrency", str(n), "--pool", pool,
-            "--hostname", f"carebridge-{queues.replace(',', '-')}@%h",
-            "--without-mingle", "--without-gossip", "--without-heartbeat",
-            "--loglevel", log_level.upper(),
+            "worker",
+            "--queues",
+            queues,
+            "--concurrency",
+            str(n),
+            "--pool",
+            pool,
+            "--hostname",
+            f"carebridge-{queues.replace(',', '-')}@%h",
+            "--without-mingle",
+            "--without-gossip",
+            "--without-heartbeat",
+            "--loglevel",
+            log_level.upper(),
         ]
     )
 
@@ -308,7 +322,9 @@ def send(
             batch = files[start : start + 200]
             try:
                 statuses = send_files(
-                    destination, batch, calling_ae=calling_ae,
+                    destination,
+                    batch,
+                    calling_ae=calling_ae,
                     progress=lambda: progress.advance(task),
                 )
             except DeliveryError as exc:
@@ -335,8 +351,13 @@ def models_list() -> None:
             table.add_row(path.name, "", "", "", "", "", f"[red]{card}[/red]")
         else:
             table.add_row(
-                path.name, card.name, card.version, card.task, card.weights.sha256[:16],
-                "yes" if card.demo else "no", "ok",
+                path.name,
+                card.name,
+                card.version,
+                card.task,
+                card.weights.sha256[:16],
+                "yes" if card.demo else "no",
+                "ok",
             )
     console.print(table)
 
@@ -350,9 +371,8 @@ def models_demo(
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
 ) -> None:
     """Train demo weights for every pipeline on generated data (offline, idempotent)."""
-    from models.cxr.train import train_demo
-
     from models.card import ModelLoadError, read_model_card, verify_weights
+    from models.cxr.train import train_demo
 
     settings = _settings()
     target = settings.models_dir / CXR_MODEL

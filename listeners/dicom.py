@@ -15,7 +15,6 @@ import os
 import re
 import ssl
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from pynetdicom import (
     AllStoragePresentationContexts,
     evt,
 )
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import audit
@@ -117,7 +116,8 @@ def check_complete(encoded: bytes, *, implicit_vr: bool, little_endian: bool) ->
     stream = io.BytesIO(encoded)
     consumed = 0
     for raw in data_element_generator(stream, implicit_vr, little_endian, defer_size=None):
-        if raw.length != 0xFFFFFFFF and raw.value is not None and len(raw.value) != raw.length:
+        length = getattr(raw, "length", 0xFFFFFFFF)
+        if length != 0xFFFFFFFF and raw.value is not None and len(raw.value) != length:
             raise ValueError("a data element is truncated")
         consumed = stream.tell()
     if consumed != len(encoded):
@@ -162,7 +162,7 @@ class StorageSCP:
 
     # Events -------------------------------------------------------------------------
 
-    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+    def handlers(self) -> Any:
         return [
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
@@ -213,7 +213,8 @@ class StorageSCP:
         )
         try:
             with self.database.session() as session:
-                for study_uid in sorted(tally.studies) or [None]:
+                studies: list[str | None] = [*sorted(tally.studies)] or [None]
+                for study_uid in studies:
                     audit.append(
                         session,
                         "dicom.received",
@@ -245,11 +246,12 @@ class StorageSCP:
 
     def handle_store(self, event: evt.Event) -> int:
         """C-STORE: validate, write durably, commit the row, answer."""
+        request: Any = event.request
         try:
             transfer_syntax = event.context.transfer_syntax
             if transfer_syntax != DeflatedExplicitVRLittleEndian:
                 check_complete(
-                    event.request.DataSet.getvalue(),
+                    request.DataSet.getvalue(),
                     implicit_vr=transfer_syntax.is_implicit_VR,
                     little_endian=transfer_syntax.is_little_endian,
                 )
@@ -266,7 +268,6 @@ class StorageSCP:
             self._count(event, "invalid_uid")
             log.warning("C-STORE refused: invalid or missing %s", ", ".join(invalid))
             return STATUS_INVALID_UID
-        request = event.request
         if uids["SOPClassUID"] != str(request.AffectedSOPClassUID):
             self._count(event, "sop_class_mismatch")
             return STATUS_DATASET_MISMATCH

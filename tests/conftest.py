@@ -23,9 +23,21 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAREBRIDGE_")}
     env["CAREBRIDGE_MODELS_DIR"] = str(directory)
     subprocess.run(
-        [sys.executable, "-m", "listeners.cli", "models", "demo",
-         "--images-per-class", "24", "--epochs", "2"],
-        env=env, check=True, capture_output=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "listeners.cli",
+            "models",
+            "demo",
+            "--images-per-class",
+            "24",
+            "--epochs",
+            "2",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     return directory
 

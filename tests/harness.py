@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +23,9 @@ POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379"
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.2, what: str = "") -> T:
+def wait_until(
+    predicate: Callable[[], T], timeout: float, interval: float = 0.2, what: str = ""
+) -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -98,11 +100,17 @@ class Carebridge:
 
     # Commands -------------------------------------------------------------------------
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``carebridge ARGS`` with this deployment's environment."""
         result = subprocess.run(
             [sys.executable, "-m", "listeners.cli", *args],
-            env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout,
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         self._log_count += 1
         (self.logs_dir / f"cli-{self._log_count}.log").write_text(result.stdout + result.stderr)
@@ -123,7 +131,10 @@ class Carebridge:
         log = path.open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "listeners.cli", *args],
-            env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.processes[name] = proc
@@ -149,10 +160,8 @@ class Carebridge:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a process and all its children (the whole session)."""
         proc = self.processes.pop(name)
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
         proc.wait(30)
 
     def stop(self) -> None:
@@ -163,10 +172,8 @@ class Carebridge:
                     os.killpg(proc.pid, signal.SIGTERM)
                     proc.wait(20)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
-                    try:
+                    with suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                     proc.wait(10)
             self.processes.pop(name)
         self.database.dispose()

@@ -36,7 +36,9 @@ def _verify_cli(url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "listeners.cli", "audit", "verify"],
         env={"CAREBRIDGE_DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -84,9 +86,7 @@ def test_detail_edit_found(tmp_path: Path) -> None:
     database = Database(url)
     _append(database, 3)
     with database.engine.begin() as connection:
-        connection.execute(
-            text("""UPDATE audit_events SET detail = '{"n": 99}' WHERE seq = 2""")
-        )
+        connection.execute(text("""UPDATE audit_events SET detail = '{"n": 99}' WHERE seq = 2"""))
     with database.session() as session:
         _, breaks = audit.verify(session)
     assert [b.seq for b in breaks] == [2]

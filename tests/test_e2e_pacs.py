@@ -33,8 +33,13 @@ def write_study(folder: Path, label: str = "pneumonia", images: int = 2, seed: i
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(images):
         ds = make_cxr_dataset(
-            label, rng, patient_name=CANARY, patient_id="ZZCANARY-ID",
-            study_uid=study_uid, series_uid=series_uid, shape=(256, 256),
+            label,
+            rng,
+            patient_name=CANARY,
+            patient_id="ZZCANARY-ID",
+            study_uid=study_uid,
+            series_uid=series_uid,
+            shape=(256, 256),
         )
         ds.InstanceNumber = index + 1
         ds.save_as(folder / f"img{index}.dcm", enforce_file_format=True)
@@ -64,14 +69,13 @@ def backend(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
         yield {"database_url": database_url, "broker_url": broker_url}
 
 
-def test_orthanc_round_trip(
-    tmp_path: Path, models_dir: Path, backend: dict[str, str]
-) -> None:
+def test_orthanc_round_trip(tmp_path: Path, models_dir: Path, backend: dict[str, str]) -> None:
     with ExitStack() as stack:
         pacs = stack.enter_context(OrthancPeer(tmp_path / "orthanc"))
         carebridge = stack.enter_context(
             Carebridge(
-                tmp_path / "cb", models_dir,
+                tmp_path / "cb",
+                models_dir,
                 dicom_allowed_aes="ORTHANC",
                 pacs_destinations=f"ORTHANC@127.0.0.1:{pacs.dicom_port}",
                 **backend,
@@ -90,7 +94,8 @@ def test_orthanc_round_trip(
 
         def sr_in_pacs() -> list[dict[str, object]]:
             return [
-                item for item in pacs.find_instances_by_study_uid(study_uid)
+                item
+                for item in pacs.find_instances_by_study_uid(study_uid)
                 if item["MainDicomTags"].get("SOPInstanceUID")
                 and pacs.instance_tags(str(item["ID"])).get("Modality") == "SR"
             ]
@@ -125,8 +130,12 @@ def test_orthanc_round_trip(
         (delivery,) = report["deliveries"]
         assert delivery["status"] == "sent" and delivery["attempts"] == 1
         types = [event["type"] for event in report["events"]]
-        assert types.index("study.stable") < types.index("job.started") < types.index(
-            "job.succeeded") < types.index("delivery.sent")
+        assert (
+            types.index("study.stable")
+            < types.index("job.started")
+            < types.index("job.succeeded")
+            < types.index("delivery.sent")
+        )
         text = carebridge.cli("audit", "show", study_uid).stdout
         assert "cxr-resnet18" in text and "DEMO WEIGHTS" in text and "sent" in text
         assert carebridge.cli("audit", "verify").returncode == 0
@@ -140,7 +149,8 @@ def test_worker_killed_mid_task_gives_one_result(tmp_path: Path, models_dir: Pat
         pacs = stack.enter_context(StoreSCP(tmp_path / "pacs"))
         carebridge = stack.enter_context(
             Carebridge(
-                tmp_path / "cb", models_dir,
+                tmp_path / "cb",
+                models_dir,
                 pacs_destinations=f"STORESCP@127.0.0.1:{pacs.port}",
                 job_lease_seconds=4,
             )
@@ -149,28 +159,39 @@ def test_worker_killed_mid_task_gives_one_result(tmp_path: Path, models_dir: Pat
         carebridge.start_listener()
         carebridge.start_worker()
         study_uid = write_study(tmp_path / "study", images=1)
-        result = storescu("127.0.0.1", carebridge.dicom_port, [tmp_path / "study"],
-                          calling_ae="MODALITY", called_ae="CAREBRIDGE")
+        result = storescu(
+            "127.0.0.1",
+            carebridge.dicom_port,
+            [tmp_path / "study"],
+            calling_ae="MODALITY",
+            called_ae="CAREBRIDGE",
+        )
         assert result.returncode == 0, result.stderr
 
         # The first task of a fresh worker process loads torch and the model after it has
         # claimed the job: kill the whole worker then.
         wait_until(
             lambda: carebridge.scalar("SELECT count(*) FROM jobs WHERE status = 'running'"),
-            timeout=60, interval=0.05, what="the job to start",
+            timeout=60,
+            interval=0.05,
+            what="the job to start",
         )
         carebridge.kill("worker")
         assert carebridge.scalar("SELECT status FROM jobs") == "running"
         carebridge.start_worker()
         wait_until(
             lambda: carebridge.scalar("SELECT status FROM jobs") == "succeeded",
-            timeout=120, what="the job to succeed after the lease expired",
+            timeout=120,
+            what="the job to succeed after the lease expired",
         )
         assert carebridge.scalar("SELECT attempts FROM jobs") == 2
         assert carebridge.scalar("SELECT count(*) FROM results") == 1
         pacs.wait_for_files(1, timeout=60)
-        wait_until(lambda: carebridge.scalar("SELECT status FROM deliveries") == "sent",
-                   timeout=30, what="the delivery to be recorded")
+        wait_until(
+            lambda: carebridge.scalar("SELECT status FROM deliveries") == "sent",
+            timeout=30,
+            what="the delivery to be recorded",
+        )
         assert len(pacs.files()) == 1
         report = carebridge.audit_show(study_uid)
         types = [event["type"] for event in report["events"]]
@@ -182,7 +203,8 @@ def test_pacs_down_then_back_sr_arrives_once(tmp_path: Path, models_dir: Path) -
     with ExitStack() as stack:
         carebridge = stack.enter_context(
             Carebridge(
-                tmp_path / "cb", models_dir,
+                tmp_path / "cb",
+                models_dir,
                 pacs_destinations=f"STORESCP@127.0.0.1:{port}",
                 delivery_backoff_seconds=0.5,
             )
@@ -191,17 +213,27 @@ def test_pacs_down_then_back_sr_arrives_once(tmp_path: Path, models_dir: Path) -
         carebridge.start_listener()
         carebridge.start_worker()
         study_uid = write_study(tmp_path / "study", images=1)
-        assert carebridge.cli(
-            "send", str(tmp_path / "study"), "--to", f"CAREBRIDGE@127.0.0.1:{carebridge.dicom_port}"
-        ).returncode == 0
+        assert (
+            carebridge.cli(
+                "send",
+                str(tmp_path / "study"),
+                "--to",
+                f"CAREBRIDGE@127.0.0.1:{carebridge.dicom_port}",
+            ).returncode
+            == 0
+        )
         wait_until(
             lambda: (carebridge.scalar("SELECT attempts FROM deliveries") or 0) >= 2,
-            timeout=120, what="two failed delivery attempts",
+            timeout=120,
+            what="two failed delivery attempts",
         )
         assert carebridge.scalar("SELECT status FROM deliveries") in ("pending", "sending")
         pacs = stack.enter_context(StoreSCP(tmp_path / "pacs", port=port))
-        wait_until(lambda: carebridge.scalar("SELECT status FROM deliveries") == "sent",
-                   timeout=90, what="the delivery to succeed once the PACS is back")
+        wait_until(
+            lambda: carebridge.scalar("SELECT status FROM deliveries") == "sent",
+            timeout=90,
+            what="the delivery to succeed once the PACS is back",
+        )
         files = pacs.wait_for_files(1, timeout=30)
         assert len(files) == 1
         sr = pydicom.dcmread(files[0])
@@ -218,15 +250,24 @@ def test_later_instances_start_a_run_that_supersedes(tmp_path: Path, models_dir:
     with ExitStack() as stack:
         pacs = stack.enter_context(StoreSCP(tmp_path / "pacs"))
         carebridge = stack.enter_context(
-            Carebridge(tmp_path / "cb", models_dir,
-                       pacs_destinations=f"STORESCP@127.0.0.1:{pacs.port}")
+            Carebridge(
+                tmp_path / "cb", models_dir, pacs_destinations=f"STORESCP@127.0.0.1:{pacs.port}"
+            )
         )
         carebridge.upgrade()
         carebridge.start_listener()
         carebridge.start_worker()
         study_uid = write_study(tmp_path / "first", images=1)
-        assert storescu("127.0.0.1", carebridge.dicom_port, [tmp_path / "first"],
-                        calling_ae="MODALITY", called_ae="CAREBRIDGE").returncode == 0
+        assert (
+            storescu(
+                "127.0.0.1",
+                carebridge.dicom_port,
+                [tmp_path / "first"],
+                calling_ae="MODALITY",
+                called_ae="CAREBRIDGE",
+            ).returncode
+            == 0
+        )
         (first,) = pacs.wait_for_files(1, timeout=120)
         first_sr = pydicom.dcmread(first)
         # A late image of the same study.
@@ -236,15 +277,25 @@ def test_later_instances_start_a_run_that_supersedes(tmp_path: Path, models_dir:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber = 2
         ds.save_as(late / "late.dcm", enforce_file_format=True)
-        assert storescu("127.0.0.1", carebridge.dicom_port, [late],
-                        calling_ae="MODALITY", called_ae="CAREBRIDGE").returncode == 0
+        assert (
+            storescu(
+                "127.0.0.1",
+                carebridge.dicom_port,
+                [late],
+                calling_ae="MODALITY",
+                called_ae="CAREBRIDGE",
+            ).returncode
+            == 0
+        )
         files = pacs.wait_for_files(2, timeout=120)
         second = pydicom.dcmread(next(f for f in files if f != first))
         assert second.StudyInstanceUID == study_uid
         (predecessor,) = second.PredecessorDocumentsSequence
         assert (
-            predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
-            .ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+            predecessor.ReferencedSeriesSequence[0]
+            .ReferencedSOPSequence[0]
+            .ReferencedSOPInstanceUID
+            == first_sr.SOPInstanceUID
         )
         assert carebridge.scalar("SELECT count(*) FROM jobs") == 2
         assert carebridge.scalar("SELECT max(run_number) FROM studies") == 2

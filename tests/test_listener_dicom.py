@@ -107,8 +107,9 @@ def test_echo_and_store_commit_row_and_exact_bytes(scp: Running) -> None:
     with scp.database.session() as session:
         row = session.execute(select(Instance)).scalar_one()
         assert row.calling_ae == "TESTSCU"
-        assert row.path == instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                            ds.SOPInstanceUID)
+        assert row.path == instance_relpath(
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        )
         study = session.execute(select(Study)).scalar_one()
         assert study.instance_count == 1
 
@@ -120,9 +121,11 @@ def test_duplicate_instance_is_noop_success(scp: Running) -> None:
     assert scp.count(Instance) == 1
     assert len(scp.files()) == 1
     with scp.database.session() as session:
-        events = session.execute(
-            select(AuditEvent).where(AuditEvent.event_type == "dicom.received")
-        ).scalars().all()
+        events = (
+            session.execute(select(AuditEvent).where(AuditEvent.event_type == "dicom.received"))
+            .scalars()
+            .all()
+        )
     assert [e.detail["stored"] for e in events] == [1, 0]
     assert [e.detail["duplicates"] for e in events] == [1, 1]
 
@@ -193,9 +196,13 @@ def test_unknown_calling_ae_rejected_and_audited(tmp_path: Path) -> None:
         assert assoc.is_established  # type: ignore[attr-defined]
         assoc.release()  # type: ignore[attr-defined]
         with running.database.session() as session:
-            rejected = session.execute(
-                select(AuditEvent).where(AuditEvent.event_type == "dicom.association_rejected")
-            ).scalars().all()
+            rejected = (
+                session.execute(
+                    select(AuditEvent).where(AuditEvent.event_type == "dicom.association_rejected")
+                )
+                .scalars()
+                .all()
+            )
         assert [e.detail["calling_ae"] for e in rejected] == ["INTRUDER", "ORTHANC"]
     finally:
         running.stop()

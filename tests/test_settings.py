@@ -24,7 +24,9 @@ def test_defaults_are_the_embedded_deployment() -> None:
     assert settings.broker_url is None and settings.effective_broker_url == "filesystem://"
     assert settings.archive_dir == Path("./var/archive")
     assert (settings.dicom_ae_title, settings.dicom_host, settings.dicom_port) == (
-        "CAREBRIDGE", "127.0.0.1", 11112,
+        "CAREBRIDGE",
+        "127.0.0.1",
+        11112,
     )
     assert settings.study_stable_seconds == 10
     assert (settings.fhir_host, settings.fhir_port) == ("127.0.0.1", 8080)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 
@@ -43,7 +44,7 @@ class _Claimed:
 def _claim(runtime: Runtime, delivery_id: int) -> _Claimed | None:
     now = utcnow()
     with runtime.database.session() as session:
-        taken = session.execute(
+        taken: Any = session.execute(
             update(Delivery)
             .where(
                 Delivery.id == delivery_id,

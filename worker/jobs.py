@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 
@@ -48,7 +49,7 @@ def claim_job(runtime: Runtime, job_id: int) -> ClaimedJob | None:
     now = utcnow()
     lease = now + timedelta(seconds=runtime.settings.job_lease_seconds)
     with runtime.database.session() as session:
-        claimed = session.execute(
+        claimed: Any = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
             .values(

@@ -12,6 +12,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
@@ -89,7 +90,7 @@ class Sweeper:
     def _route_study(
         self, session: Session, study_id: int, now: datetime, cutoff: datetime
     ) -> list[tuple[int, str]] | None:
-        claimed = session.execute(
+        claimed: Any = session.execute(
             update(Study)
             .where(
                 Study.id == study_id,
@@ -171,8 +172,13 @@ class Sweeper:
                     job.error = f"worker lost during attempt {job.attempts} of {job.max_attempts}"
                     report.jobs_failed += 1
                     audit.append(
-                        session, "job.failed", actor="sweeper", study_instance_uid=uid,
-                        job=job.id, attempts=job.attempts, error=job.error,
+                        session,
+                        "job.failed",
+                        actor="sweeper",
+                        study_instance_uid=uid,
+                        job=job.id,
+                        attempts=job.attempts,
+                        error=job.error,
                     )
                 else:
                     job.status = JobStatus.QUEUED
@@ -180,8 +186,12 @@ class Sweeper:
                     job.lease_owner = None
                     report.jobs_requeued.append((job.id, job.queue))
                     audit.append(
-                        session, "job.lease_expired", actor="sweeper", study_instance_uid=uid,
-                        job=job.id, attempts=job.attempts,
+                        session,
+                        "job.lease_expired",
+                        actor="sweeper",
+                        study_instance_uid=uid,
+                        job=job.id,
+                        attempts=job.attempts,
                     )
             lost = session.execute(
                 select(Job).where(Job.status == JobStatus.QUEUED, Job.queued_at < stale)

@@ -1,0 +1,191 @@
+"""Ingest benchmark: the same CT series C-STOREd by dcmtk storescu to carebridge's SCP,
+to Orthanc and to dcmtk storescp (and a bare pynetdicom handler), on 1 and 4 associations.
+
+    .venv/bin/python bench/ingest.py [--instances 300] [--listeners 1]
+
+Prints instances/s and the ratios the project's targets are stated in. carebridge runs as
+`carebridge listen-dicom` with its defaults: every instance fsynced and its row committed
+(SQLite, synchronous=FULL) before the answer. Nothing here is a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.harness import Carebridge
+from tests.peers import OrthancPeer, StoreSCP, free_port, wait_for_port
+
+
+def make_series(folder: Path, count: int) -> list[Path]:
+    """``count`` CT slices, 512x512, 16-bit, one series (about 512 KiB each)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    pixels = (rng.normal(40, 20, (512, 512)) + 1024).clip(0, 4095).astype(np.uint16)
+    paths = []
+    for index in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID, ds.Modality = "Bench^Ingest", "BENCH", "CT"
+        ds.BodyPartExamined = "ABDOMEN"
+        ds.InstanceNumber = index + 1
+        ds.ImagePositionPatient = [0, 0, -index * 1.0]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.7, 0.7]
+        ds.SliceThickness = 1.0
+        ds.Rows = ds.Columns = 512
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = np.roll(pixels, index, axis=0).tobytes()
+        path = folder / f"ct{index:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def storescu_rate(port: int, called: str, files: list[Path], associations: int) -> float:
+    """Instances/s for ``files`` split over ``associations`` concurrent storescu runs."""
+    env = dict(os.environ, TCP_NODELAY="1")
+    chunks = [files[i::associations] for i in range(associations)]
+
+    def run(chunk: list[Path]) -> None:
+        subprocess.run(
+            ["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, chunk)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(associations) as pool:
+        list(pool.map(run, chunks))
+    return len(files) / (time.perf_counter() - start)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+BARE_SCP = """
+import sys
+from pynetdicom import AE, AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES, evt
+ae = AE(ae_title="BARE")
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+def handle(event):
+    open(sys.argv[2] + "/" + str(event.request.AffectedSOPInstanceUID), "wb").write(
+        event.encoded_dataset())
+    return 0
+ae.maximum_associations = 16
+ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, handle)])
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per target; median kept")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="carebridge-bench-") as tmp, ExitStack() as stack:
+        root = Path(tmp)
+        files = make_series(root / "series", args.instances)
+        targets: dict[str, tuple[int, str, Callable[[], None] | None]] = {}
+
+        storescp = stack.enter_context(StoreSCP(root / "storescp"))
+        targets["dcmtk storescp"] = (storescp.port, "STORESCP", None)
+
+        orthanc = stack.enter_context(OrthancPeer(root / "orthanc"))
+        targets["Orthanc"] = (orthanc.dicom_port, "ORTHANC", None)
+
+        bare_port = free_port()
+        (root / "bare").mkdir()
+        bare = subprocess.Popen(
+            [sys.executable, "-c", BARE_SCP, str(bare_port), str(root / "bare")]
+        )
+        stack.callback(bare.kill)
+        wait_for_port("127.0.0.1", bare_port, proc=bare)
+        targets["bare pynetdicom"] = (bare_port, "BARE", None)
+
+        carebridge = stack.enter_context(Carebridge(root / "cb", root / "models"))
+        carebridge.env["CAREBRIDGE_STUDY_STABLE_SECONDS"] = "3600"  # measure ingest only
+        carebridge.upgrade()
+        listener = carebridge._spawn(
+            "listener", "listen-dicom", "--no-sweeper", "--log-level", "WARNING"
+        )
+        wait_for_port("127.0.0.1", carebridge.dicom_port, proc=listener)
+        targets["carebridge"] = (carebridge.dicom_port, "CAREBRIDGE", None)
+
+        rates: dict[tuple[str, int], float] = {}
+        memory: list[int] = [rss_kib(listener.pid)]
+        for associations in (1, 4):
+            for name, (port, called, _) in targets.items():
+                runs = []
+                for _ in range(args.repeat):
+                    runs.append(storescu_rate(port, called, files, associations))
+                    if name == "carebridge":
+                        memory.append(rss_kib(listener.pid))
+                        # Fresh UIDs next time would be fairer; duplicates are answered
+                        # without writing, so clear the database between runs instead.
+                        carebridge.stop()
+                        carebridge = stack.enter_context(
+                            Carebridge(root / f"cb{len(memory)}", root / "models", dicom_port=port)
+                        )
+                        carebridge.env["CAREBRIDGE_STUDY_STABLE_SECONDS"] = "3600"
+                        carebridge.upgrade()
+                        listener = carebridge._spawn(
+                            "listener", "listen-dicom", "--no-sweeper", "--log-level", "WARNING"
+                        )
+                        wait_for_port("127.0.0.1", port, proc=listener)
+                rates[(name, associations)] = statistics.median(runs)
+
+        print(
+            f"\nIngest: {args.instances} CT instances 512x512 16-bit, dcmtk storescu "
+            "(TCP_NODELAY=1)\n"
+        )
+        print(f"{'target':<18}{'1 assoc (inst/s)':>18}{'4 assoc (inst/s)':>18}")
+        for name in targets:
+            print(f"{name:<18}{rates[(name, 1)]:>18.0f}{rates[(name, 4)]:>18.0f}")
+        cb1, cb4 = rates[("carebridge", 1)], rates[("carebridge", 4)]
+        print()
+        print(
+            f"carebridge / Orthanc,  1 association : {cb1 / rates[('Orthanc', 1)]:.2f}x "
+            "(target >= 1.2)"
+        )
+        print(
+            f"carebridge / storescp, 1 association : {cb1 / rates[('dcmtk storescp', 1)]:.2f}x "
+            "(target >= 0.5)"
+        )
+        print(
+            f"carebridge / Orthanc,  4 associations: {cb4 / rates[('Orthanc', 4)]:.2f}x "
+            "(target >= 1.0)"
+        )
+        print(f"carebridge listener RSS (KiB) after each run: {memory}")
+
+
+if __name__ == "__main__":
+    main()

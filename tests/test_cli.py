@@ -1,0 +1,148 @@
+"""The carebridge command as a user runs it: serve, rules test, models list, dcmtk peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.uid import generate_uid
+
+from models.cxr.synthetic import make_cxr_dataset
+from tests.fixtures_dicom import make_cr_dataset
+from tests.harness import Carebridge, wait_until
+from tests.peers import echoscu, free_port, storescu, wait_for_port
+
+
+def test_rules_test_explains_routing(deployment: Carebridge, tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    folder.mkdir()
+    cxr = make_cxr_dataset(
+        "normal",
+        np.random.default_rng(0),
+        patient_name="ZZCANARY^PHI",
+        patient_id="X",
+        shape=(64, 64),
+    )
+    cxr.save_as(folder / "cxr.dcm", enforce_file_format=True)
+    knee = make_cr_dataset()
+    knee.BodyPartExamined = "KNEE"
+    knee.save_as(folder / "knee.dcm", enforce_file_format=True)
+    (folder / "notes.txt").write_text("not DICOM")
+    out = deployment.cli("rules", "test", str(folder)).stdout
+    assert "cxr-classification" in out
+    assert "KNEE" in out
+    assert "ZZCANARY" not in out
+    assert "skipped" in out.lower()
+
+
+def test_rules_test_reports_bad_rules_file(deployment: Carebridge, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "pipelines: {}\nrules:\n  - name: x\n    pipeline: nope\n    match: {Modality: [CR]}\n"
+    )
+    result = deployment.cli("rules", "test", "--rules", str(rules), str(tmp_path), check=False)
+    assert result.returncode == 2
+    assert "nope" in result.stderr
+
+
+def test_models_list_shows_and_refuses(
+    deployment: Carebridge, models_dir: Path, tmp_path: Path
+) -> None:
+    out = deployment.cli("models", "list").stdout
+    assert "cxr-resnet18" in out and "ok" in out
+    broken_models = tmp_path / "models"
+    shutil.copytree(models_dir, broken_models)
+    weights = broken_models / "cxr-resnet18" / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    deployment.env["CAREBRIDGE_MODELS_DIR"] = str(broken_models)
+    out = deployment.cli("models", "list").stdout
+    assert "sha256" in out.lower() and "ok" not in out.split("cxr-resnet18", 1)[1].split("\n")[0]
+
+
+def test_listener_with_dcmtk_peers(deployment: Carebridge, tmp_path: Path) -> None:
+    deployment.env["CAREBRIDGE_DICOM_ALLOWED_AES"] = "MODALITY"
+    deployment.start_listener()
+    port = deployment.dicom_port
+    ok = echoscu("127.0.0.1", port, calling_ae="MODALITY", called_ae="CAREBRIDGE")
+    assert ok.returncode == 0, ok.stderr
+    refused = echoscu("127.0.0.1", port, calling_ae="STRANGER", called_ae="CAREBRIDGE")
+    assert refused.returncode != 0
+    folder = tmp_path / "series"
+    folder.mkdir()
+    study = generate_uid()
+    for i in range(3):
+        make_cr_dataset(study_instance_uid=study, seed=i).save_as(
+            folder / f"{i}.dcm", enforce_file_format=True
+        )
+    sent = storescu("127.0.0.1", port, [folder], calling_ae="MODALITY", called_ae="CAREBRIDGE")
+    assert sent.returncode == 0, sent.stderr
+    assert deployment.scalar("SELECT count(*) FROM instances") == 3
+    stranger = storescu("127.0.0.1", port, [folder], calling_ae="STRANGER", called_ae="CAREBRIDGE")
+    assert stranger.returncode != 0
+    events = deployment.audit_show(study)["events"]
+    assert [e["type"] for e in events] == ["dicom.received"]
+    assert events[0]["detail"]["stored"] == 3
+    assert (
+        deployment.scalar(
+            "SELECT count(*) FROM audit_events WHERE event_type = 'dicom.association_rejected'"
+        )
+        == 2
+    )
+
+
+def test_serve_runs_embedded_default(models_dir: Path, tmp_path: Path) -> None:
+    """`carebridge serve` in an empty directory: ./var is created, the SCP answers, and a
+    SIGTERM stops every process."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAREBRIDGE_")}
+    env.update(
+        CAREBRIDGE_MODELS_DIR=str(models_dir),
+        CAREBRIDGE_DICOM_PORT=str(port),
+        PYTHONUNBUFFERED="1",
+    )
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "listeners.cli", "serve"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=90, proc=proc)
+        assert echoscu("127.0.0.1", port, calling_ae="ANY", called_ae="CAREBRIDGE").returncode == 0
+        assert (tmp_path / "var" / "carebridge.db").is_file()
+        wait_until(
+            lambda: " ready." in (tmp_path / "serve.log").read_text(),
+            timeout=90,
+            what="the worker to start",
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(60)
+    assert rc == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def test_database_not_migrated_is_a_clear_error(tmp_path: Path, models_dir: Path) -> None:
+    with Carebridge(tmp_path / "cb", models_dir) as carebridge:
+        result = carebridge.cli("audit", "studies", check=False)
+    assert result.returncode == 3
+    assert "carebridge db upgrade" in result.stderr
+
+
+@pytest.mark.parametrize("bad_env", [{"CAREBRIDGE_DICOM_HOST": "0.0.0.0"}])
+def test_fail_closed_settings_stop_the_listener(
+    tmp_path: Path, models_dir: Path, bad_env: dict[str, str]
+) -> None:
+    with Carebridge(tmp_path / "cb", models_dir) as carebridge:
+        carebridge.env.update(bad_env)
+        result = carebridge.cli("listen-dicom", check=False)
+    assert result.returncode == 2
+    assert "CAREBRIDGE_DICOM_ALLOWED_AES" in result.stderr
