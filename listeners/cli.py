@@ -342,23 +342,28 @@ def send(
 @models_app.command("list")
 def models_list() -> None:
     """Show the model directories under MODELS_DIR and whether they load."""
-    from models.card import list_model_dirs
+    from models.card import ModelLoadError, list_model_dirs, verify_weights
 
     settings = _settings()
     table = Table("directory", "name", "version", "task", "weights sha256", "demo", "status")
     for path, card in list_model_dirs(settings.models_dir):
         if isinstance(card, Exception):
             table.add_row(path.name, "", "", "", "", "", f"[red]{card}[/red]")
-        else:
-            table.add_row(
-                path.name,
-                card.name,
-                card.version,
-                card.task,
-                card.weights.sha256[:16],
-                "yes" if card.demo else "no",
-                "ok",
-            )
+            continue
+        try:
+            verify_weights(path, card)
+            status = "ok"
+        except ModelLoadError as exc:
+            status = f"[red]refused: {exc}[/red]"
+        table.add_row(
+            path.name,
+            card.name,
+            card.version,
+            card.task,
+            card.weights.sha256[:16],
+            "yes" if card.demo else "no",
+            status,
+        )
     console.print(table)
 
 

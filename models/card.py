@@ -79,6 +79,16 @@ class LabelSpec(_Strict):
         return CodedLabel(self.name, self.code_value, self.coding_scheme, self.code_meaning)
 
 
+def _check_file_name(value: str) -> str:
+    if value in (".", "..") or "/" in value or "\\" in value or "\x00" in value:
+        raise ValueError(
+            f"weights file must be a plain file name inside the model directory, got {value!r}"
+        )
+    if value == CARD_FILE:
+        raise ValueError(f"weights file must not be named {CARD_FILE}")
+    return value
+
+
 class WeightsSpec(_Strict):
     """The weights file of a model directory and its sha256 digest."""
 
@@ -88,11 +98,7 @@ class WeightsSpec(_Strict):
     @field_validator("file")
     @classmethod
     def _plain_file_name(cls, value: str) -> str:
-        if value in (".", "..") or "/" in value or "\\" in value or "\x00" in value:
-            raise ValueError(
-                f"weights.file must be a plain file name inside the model directory, got {value!r}"
-            )
-        return value
+        return _check_file_name(value)
 
     @field_validator("sha256")
     @classmethod
@@ -126,6 +132,11 @@ class ModelCardDraft(_Strict):
     @classmethod
     def _labels_unique(cls, value: tuple[LabelSpec, ...]) -> tuple[LabelSpec, ...]:
         return _check_labels(value)
+
+    @field_validator("weights_file")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        return _check_file_name(value)
 
 
 def _check_labels(value: tuple[LabelSpec, ...]) -> tuple[LabelSpec, ...]:
@@ -353,7 +364,6 @@ def write_model_dir(
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    WeightsSpec(file=draft.weights_file, sha256="0" * 64)  # validates the file name early
     weights_path = model_dir / draft.weights_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     _atomic_write(weights_path, lambda fh: torch.save(tensors, fh))

@@ -44,7 +44,8 @@ def test_rules_test_explains_routing(deployment: Carebridge, tmp_path: Path) -> 
 def test_rules_test_reports_bad_rules_file(deployment: Carebridge, tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(
-        "pipelines: {}\nrules:\n  - name: x\n    pipeline: nope\n    match: {Modality: [CR]}\n"
+        "pipelines:\n  cxr: {queue: gpu, model: cxr-resnet18}\n"
+        "rules:\n  - name: x\n    pipeline: nope\n    match: {Modality: [CR]}\n"
     )
     result = deployment.cli("rules", "test", "--rules", str(rules), str(tmp_path), check=False)
     assert result.returncode == 2
@@ -62,7 +63,7 @@ def test_models_list_shows_and_refuses(
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     deployment.env["CAREBRIDGE_MODELS_DIR"] = str(broken_models)
     out = deployment.cli("models", "list").stdout
-    assert "sha256" in out.lower() and "ok" not in out.split("cxr-resnet18", 1)[1].split("\n")[0]
+    assert "refused" in out and "sha256" in out
 
 
 def test_listener_with_dcmtk_peers(deployment: Carebridge, tmp_path: Path) -> None:
@@ -86,7 +87,7 @@ def test_listener_with_dcmtk_peers(deployment: Carebridge, tmp_path: Path) -> No
     stranger = storescu("127.0.0.1", port, [folder], calling_ae="STRANGER", called_ae="CAREBRIDGE")
     assert stranger.returncode != 0
     events = deployment.audit_show(study)["events"]
-    assert [e["type"] for e in events] == ["dicom.received"]
+    assert events[0]["type"] == "dicom.received"
     assert events[0]["detail"]["stored"] == 3
     assert (
         deployment.scalar(

@@ -254,21 +254,21 @@ def _render_density(
         sides = (0,) if choice == 0 else (1,) if choice == 1 else (0, 1)
         texture = _smooth_noise(rng, (h, w), spacing, rng.uniform(5.0, 9.0))
         fine = _smooth_noise(rng, (h, w), spacing, 2.5)
-        patchy = _sigmoid((texture + 0.4 * fine + np.float32(rng.uniform(-0.2, 0.6))) / 0.35)
+        patchy = _sigmoid((texture + 0.4 * fine + np.float32(rng.uniform(0.1, 0.7))) / 0.35)
         blob = np.zeros((h, w), dtype=np.float32)
         for idx in sides:
             lx, lw = lung_geom[idx]
             px = lx + rng.uniform(-0.35, 0.35) * lw
             py = lung_y + rng.uniform(0.25, 0.6) * lung_h
-            sx = rng.uniform(25.0, 45.0) * size
-            sy = rng.uniform(22.0, 40.0) * size
+            sx = rng.uniform(28.0, 48.0) * size
+            sy = rng.uniform(24.0, 42.0) * size
             blob += (
                 np.exp(
                     -0.5 * (((xx - np.float32(px)) / sx) ** 2 + ((yy - np.float32(py)) / sy) ** 2)
                 )
                 * lung_side[idx]
             )
-        density += np.float32(rng.uniform(0.14, 0.26)) * np.clip(blob, 0.0, 1.0) * patchy
+        density += np.float32(rng.uniform(0.2, 0.32)) * np.clip(blob, 0.0, 1.0) * patchy
     elif label == "lung_cancer":
         radius = rng.uniform(12.0, 35.0) / 2.0
         nx, ny = _nodule_centre(
@@ -285,7 +285,7 @@ def _render_density(
         )
         sphere = np.sqrt(np.clip(1.0 - rr * rr, 0.0, 1.0))
         edge = _sigmoid((1.0 - rr) * np.float32(radius / max(0.6, spacing * 0.6)))
-        density += np.float32(rng.uniform(0.12, 0.24)) * (0.45 + 0.55 * sphere) * edge
+        density += np.float32(rng.uniform(0.2, 0.32)) * (0.45 + 0.55 * sphere) * edge
     return density.astype(np.float32, copy=False)
 
 
