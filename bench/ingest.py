@@ -95,6 +95,7 @@ BARE_SCP = """
 import sys
 from pynetdicom import AE, AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES, evt
 ae = AE(ae_title="BARE")
+ae.maximum_pdu_size = int(sys.argv[3]) if len(sys.argv) > 3 else 16382
 for cx in AllStoragePresentationContexts:
     ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
 def handle(event):

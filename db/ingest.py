@@ -8,7 +8,6 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.schema import Instance, Series, Study, StudyState, utcnow
@@ -38,79 +37,112 @@ def instance_exists(session: Session, sop_instance_uid: str) -> bool:
     return found is not None
 
 
-def _insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> None:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        session.execute(pg_insert(table).values(**values).on_conflict_do_nothing())
-    elif dialect == "sqlite":
-        session.execute(sqlite_insert(table).values(**values).on_conflict_do_nothing())
-    else:  # pragma: no cover - other databases are not supported yet
-        raise RuntimeError(f"unsupported database dialect {dialect}")
+class InstanceRecorder:
+    """Records received instances; one per listener process.
+
+    The SQL statements are built once per dialect, and study and series ids are cached
+    (rows are never deleted), so a typical C-STORE costs two statements: the instance
+    insert and the study's clock update.
+    """
+
+    def __init__(self, dialect: str, cache_size: int = 4096) -> None:
+        if dialect == "postgresql":
+            insert: Any = pg_insert
+            self._greatest: Any = func.greatest
+        elif dialect == "sqlite":
+            insert = sqlite_insert
+            self._greatest = func.max
+        else:  # pragma: no cover - other databases are not supported yet
+            raise RuntimeError(f"unsupported database dialect {dialect}")
+        study = insert(Study.__table__)
+        self._study = study.on_conflict_do_update(
+            index_elements=[Study.study_instance_uid],
+            set_={"study_instance_uid": study.excluded.study_instance_uid},
+        ).returning(Study.id)
+        series = insert(Series.__table__)
+        self._series = series.on_conflict_do_update(
+            index_elements=[Series.series_instance_uid],
+            set_={"series_instance_uid": series.excluded.series_instance_uid},
+        ).returning(Series.id)
+        self._instance = insert(Instance.__table__).on_conflict_do_nothing().returning(Instance.id)
+        self._cache: dict[str, int] = {}
+        self._cache_size = cache_size
+
+    def _id(self, session: Session, statement: Any, uid: str, values: dict[str, Any]) -> int:
+        cached = self._cache.get(uid)
+        if cached is not None:
+            return cached
+        ident = int(session.execute(statement, values).scalar_one())
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[uid] = ident
+        return ident
+
+    def forget(self) -> None:
+        """Drop cached ids (after a rollback, a cached id may name a row that never was)."""
+        self._cache.clear()
+
+    def record(self, session: Session, received: ReceivedInstance) -> bool:
+        """Add the instance (and its study and series) in the caller's transaction.
+
+        Returns False when the instance was already recorded (a duplicate is a no-op).
+        The study's quiet-period clock restarts, and a study that was already routed goes
+        back to receiving, so the next quiet period starts a new run.
+        """
+        now = utcnow()
+        study_id = self._id(
+            session,
+            self._study,
+            received.study_instance_uid,
+            {
+                "study_instance_uid": received.study_instance_uid,
+                "state": StudyState.RECEIVING.value,
+                "run_number": 0,
+                "instance_count": 0,
+                "first_received_at": now,
+                "last_received_at": now,
+            },
+        )
+        series_id = self._id(
+            session,
+            self._series,
+            received.series_instance_uid,
+            {
+                "study_id": study_id,
+                "series_instance_uid": received.series_instance_uid,
+                "attributes": received.series_attributes,
+                "created_at": now,
+            },
+        )
+        inserted = session.execute(
+            self._instance,
+            {
+                "study_id": study_id,
+                "series_id": series_id,
+                "sop_instance_uid": received.sop_instance_uid,
+                "sop_class_uid": received.sop_class_uid,
+                "transfer_syntax_uid": received.transfer_syntax_uid,
+                "path": received.path,
+                "size_bytes": received.size_bytes,
+                "sha256": received.sha256,
+                "calling_ae": received.calling_ae,
+                "received_at": now,
+            },
+        ).first()
+        if inserted is None:
+            return False
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id)
+            .values(
+                state=StudyState.RECEIVING,
+                last_received_at=self._greatest(Study.last_received_at, now),
+                instance_count=Study.instance_count + 1,
+            )
+        )
+        return True
 
 
 def record_instance(session: Session, received: ReceivedInstance) -> bool:
-    """Add the instance (and its study and series) in the caller's transaction.
-
-    Returns False when the instance was already recorded (a duplicate is a no-op). The
-    study's quiet-period clock restarts, and a study that was already routed goes back to
-    receiving, so the next quiet period starts a new run.
-    """
-    now = utcnow()
-    _insert_ignore(
-        session,
-        Study.__table__,
-        {
-            "study_instance_uid": received.study_instance_uid,
-            "state": StudyState.RECEIVING.value,
-            "run_number": 0,
-            "instance_count": 0,
-            "first_received_at": now,
-            "last_received_at": now,
-        },
-    )
-    study_id = session.execute(
-        select(Study.id).where(Study.study_instance_uid == received.study_instance_uid)
-    ).scalar_one()
-    _insert_ignore(
-        session,
-        Series.__table__,
-        {
-            "study_id": study_id,
-            "series_instance_uid": received.series_instance_uid,
-            "attributes": received.series_attributes,
-            "created_at": now,
-        },
-    )
-    series_id = session.execute(
-        select(Series.id).where(Series.series_instance_uid == received.series_instance_uid)
-    ).scalar_one()
-    try:
-        with session.begin_nested():
-            session.add(
-                Instance(
-                    study_id=study_id,
-                    series_id=series_id,
-                    sop_instance_uid=received.sop_instance_uid,
-                    sop_class_uid=received.sop_class_uid,
-                    transfer_syntax_uid=received.transfer_syntax_uid,
-                    path=received.path,
-                    size_bytes=received.size_bytes,
-                    sha256=received.sha256,
-                    calling_ae=received.calling_ae,
-                    received_at=now,
-                )
-            )
-    except IntegrityError:
-        return False
-    session.execute(
-        update(Study)
-        .where(Study.id == study_id)
-        .values(
-            state=StudyState.RECEIVING,
-            last_received_at=func.max(Study.last_received_at, now)
-            if session.get_bind().dialect.name == "sqlite"
-            else func.greatest(Study.last_received_at, now),
-            instance_count=Study.instance_count + 1,
-        )
-    )
-    return True
+    """Record one instance without a long-lived recorder (tests, tools)."""
+    return InstanceRecorder(session.get_bind().dialect.name).record(session, received)

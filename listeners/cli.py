@@ -101,6 +101,9 @@ def listen_dicom(
     sweeper: Annotated[
         bool, typer.Option(help="Also run the stability sweeper in this process.")
     ] = True,
+    processes: Annotated[
+        int, typer.Option(min=1, max=64, help="Listener processes sharing the port.")
+    ] = 1,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the DICOM SCP (C-ECHO, C-STORE) and, by default, the sweeper."""
@@ -112,6 +115,21 @@ def listen_dicom(
     scp = StorageSCP(settings, database)
     server = scp.start()
     stop = _wait_for_signal()
+    # Extra processes bind the same port (SO_REUSEPORT); only this one sweeps.
+    helpers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "listeners.cli",
+                "listen-dicom",
+                "--no-sweeper",
+                "--log-level",
+                log_level,
+            ]
+        )
+        for _ in range(processes - 1)
+    ]
     sweeper_thread = None
     if sweeper:
         from worker.celery_app import make_celery
@@ -129,7 +147,11 @@ def listen_dicom(
         sweeper_thread.start()
     print("carebridge listen-dicom: ready", flush=True)
     stop.wait()
+    for helper in helpers:
+        helper.terminate()
     server.shutdown()
+    for helper in helpers:
+        helper.wait(30)
     if sweeper_thread is not None:
         sweeper_thread.join(10)
 

@@ -225,12 +225,11 @@ def test_commit_failure_leaves_no_file(scp: Running, monkeypatch: pytest.MonkeyP
     """The file is written before the row; when the commit fails the file goes too."""
     from sqlalchemy.exc import OperationalError
 
-    import listeners.dicom
 
     def fail(*_args: object, **_kwargs: object) -> bool:
         raise OperationalError("INSERT", {}, Exception("database is locked"))
 
-    monkeypatch.setattr(listeners.dicom, "record_instance", fail)
+    monkeypatch.setattr(scp.scp.recorder, "record", fail)
     assert scp.store(make_cr_dataset()) == [STATUS_OUT_OF_RESOURCES_DATABASE]
     assert scp.files() == []
 
