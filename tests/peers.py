@@ -342,10 +342,18 @@ class StoreSCP:
     (``+B``). Use as a context manager; :meth:`files` lists what arrived.
     """
 
-    def __init__(self, outdir: Path, *, aet: str = "STORESCP", port: int | None = None) -> None:
-        """Prepare (not start) the SCP."""
+    def __init__(
+        self,
+        outdir: Path,
+        *,
+        aet: str = "STORESCP",
+        port: int | None = None,
+        refuse: bool = False,
+    ) -> None:
+        """Prepare (not start) the SCP; ``refuse`` rejects every association (permanent)."""
         self.outdir = Path(outdir)
         self.aet = aet
+        self.refuse = refuse
         self.host = LOOPBACK
         self.port = port or free_port()
         self.log_path = self.outdir.parent / f"{self.outdir.name}.storescp.log"
@@ -359,7 +367,7 @@ class StoreSCP:
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 ["storescp", "-aet", self.aet, "-od", str(self.outdir), "+xa", "+B",
-                 "-fe", ".dcm", str(self.port)],
+                 "-fe", ".dcm", *(["--refuse"] if self.refuse else []), str(self.port)],
                 env=_env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -299,3 +299,78 @@ def test_later_instances_start_a_run_that_supersedes(tmp_path: Path, models_dir:
         )
         assert carebridge.scalar("SELECT count(*) FROM jobs") == 2
         assert carebridge.scalar("SELECT max(run_number) FROM studies") == 2
+
+
+def test_broker_loses_messages_sweeper_requeues(tmp_path: Path, models_dir: Path) -> None:
+    """Redis restarted empty between enqueue and execution: the job still runs, once."""
+    import redis
+
+    with ExitStack() as stack:
+        broker_url = stack.enter_context(redis_broker())
+        pacs = stack.enter_context(StoreSCP(tmp_path / "pacs"))
+        carebridge = stack.enter_context(
+            Carebridge(
+                tmp_path / "cb",
+                models_dir,
+                broker_url=broker_url,
+                pacs_destinations=f"STORESCP@127.0.0.1:{pacs.port}",
+                requeue_after_seconds=3,
+            )
+        )
+        carebridge.upgrade()
+        carebridge.start_listener()  # no worker yet: the job waits in Redis
+        study_uid = write_study(tmp_path / "study", images=1)
+        sent = storescu(
+            "127.0.0.1",
+            carebridge.dicom_port,
+            [tmp_path / "study"],
+            calling_ae="MODALITY",
+            called_ae="CAREBRIDGE",
+        )
+        assert sent.returncode == 0, sent.stderr
+        wait_until(
+            lambda: carebridge.scalar("SELECT count(*) FROM jobs") == 1,
+            timeout=30,
+            what="the job to be created",
+        )
+        redis.Redis.from_url(broker_url).flushdb()  # the broker forgets everything
+        carebridge.start_worker()
+        (sr_file,) = pacs.wait_for_files(1, timeout=120)
+        assert pydicom.dcmread(sr_file).StudyInstanceUID == study_uid
+        assert carebridge.scalar("SELECT attempts FROM jobs") == 1
+        assert carebridge.scalar("SELECT count(*) FROM results") == 1
+
+
+def test_permanent_refusal_is_dead_lettered(tmp_path: Path, models_dir: Path) -> None:
+    """A PACS that refuses the association permanently: no retries, the delivery is dead."""
+    with ExitStack() as stack:
+        pacs = stack.enter_context(StoreSCP(tmp_path / "pacs", refuse=True))
+        carebridge = stack.enter_context(
+            Carebridge(
+                tmp_path / "cb", models_dir, pacs_destinations=f"STORESCP@127.0.0.1:{pacs.port}"
+            )
+        )
+        carebridge.upgrade()
+        carebridge.start_listener()
+        carebridge.start_worker()
+        study_uid = write_study(tmp_path / "study", images=1)
+        assert (
+            storescu(
+                "127.0.0.1",
+                carebridge.dicom_port,
+                [tmp_path / "study"],
+                calling_ae="MODALITY",
+                called_ae="CAREBRIDGE",
+            ).returncode
+            == 0
+        )
+        wait_until(
+            lambda: carebridge.scalar("SELECT status FROM deliveries") == "dead",
+            timeout=120,
+            what="the delivery to be dead-lettered",
+        )
+        report = carebridge.audit_show(study_uid)
+        (delivery,) = report["deliveries"]
+        assert delivery["attempts"] == 1 and delivery["last_status"] == "permanent"
+        assert delivery["last_error"]
+        assert [e["type"] for e in report["events"]].count("delivery.dead") == 1
