@@ -147,3 +147,45 @@ def test_fail_closed_settings_stop_the_listener(
         result = carebridge.cli("listen-dicom", check=False)
     assert result.returncode == 2
     assert "CAREBRIDGE_DICOM_ALLOWED_AES" in result.stderr
+
+
+def test_several_listener_processes_share_port_and_route_once(
+    deployment: Carebridge, tmp_path: Path
+) -> None:
+    proc = deployment._spawn("listener", "listen-dicom", "--processes", "3")
+    wait_for_port("127.0.0.1", deployment.dicom_port, timeout=60, proc=proc)
+    wait_until(
+        lambda: deployment.log_paths["listener"].read_text().count("listening on") == 3,
+        timeout=60,
+        what="three listener processes",
+    )
+    study = generate_uid()
+    folders = []
+    for part in range(3):
+        folder = tmp_path / f"part{part}"
+        folder.mkdir()
+        for i in range(4):
+            make_cr_dataset(study_instance_uid=study, seed=part * 10 + i).save_as(
+                folder / f"{i}.dcm", enforce_file_format=True
+            )
+        folders.append(folder)
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aet", "MODALITY", "-aec", "CAREBRIDGE", "127.0.0.1",
+             str(deployment.dicom_port), "+sd", str(folder)],
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        for folder in folders
+    ]  # fmt: skip
+    assert [sender.wait(60) for sender in senders] == [0, 0, 0]
+    assert deployment.scalar("SELECT count(*) FROM instances") == 12
+    wait_until(
+        lambda: deployment.scalar("SELECT state FROM studies") == "routed",
+        timeout=30,
+        what="the study to be routed",
+    )
+    assert deployment.scalar("SELECT instance_count FROM studies") == 12
+    assert (
+        deployment.scalar("SELECT count(*) FROM audit_events WHERE event_type = 'study.stable'")
+        == 1
+    )

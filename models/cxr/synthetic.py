@@ -209,7 +209,7 @@ def _render_density(
 
     markings = _smooth_noise(rng, (h, w), spacing, 4.0)
     lucency = np.float32(rng.uniform(0.24, 0.32))
-    density -= lucency * lung_field * (1.0 - 0.07 * np.clip(markings, -2.5, 2.5))
+    density -= lucency * lung_field * (1.0 - 0.05 * np.clip(markings, -2.5, 2.5))
     density += np.float32(rng.uniform(0.02, 0.05)) * heart
     hila = np.zeros((h, w), dtype=np.float32)
     for side in (-1.0, 1.0):
@@ -285,7 +285,7 @@ def _render_density(
         )
         sphere = np.sqrt(np.clip(1.0 - rr * rr, 0.0, 1.0))
         edge = _sigmoid((1.0 - rr) * np.float32(radius / max(0.6, spacing * 0.6)))
-        density += np.float32(rng.uniform(0.2, 0.32)) * (0.45 + 0.55 * sphere) * edge
+        density += np.float32(rng.uniform(0.24, 0.36)) * (0.5 + 0.5 * sphere) * edge
     return density.astype(np.float32, copy=False)
 
 

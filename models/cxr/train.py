@@ -39,11 +39,19 @@ MODEL_VERSION = "0.1.0-demo"
 #: Image shapes drawn for training (rows, columns): mostly square, some portrait/landscape.
 _SHAPES: tuple[tuple[int, int], ...] = ((512, 512), (512, 512), (512, 512), (512, 416), (416, 512))
 _VAL_FRACTION = 0.2
-_LEARNING_RATE = 1e-3
+_LEARNING_RATE = 3e-4
 _WEIGHT_DECAY = 1e-4
 
 if tuple(label.name for label in CXR_LABELS) != CLASSES:  # pragma: no cover
     raise RuntimeError("generator classes and classifier labels disagree")
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (affinity-aware where the platform tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _generate(
@@ -162,7 +170,7 @@ def train_demo(
     report = progress or (lambda _msg: None)
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(_usable_cpus())
     try:
         torch.manual_seed(seed)
         images, labels = _generate(images_per_class, seed, report)
