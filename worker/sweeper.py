@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from db import audit
@@ -160,9 +160,13 @@ class Sweeper:
     def requeue_stuck(self, now: datetime, report: SweepReport) -> None:
         stale = now - timedelta(seconds=self.settings.requeue_after_seconds)
         with self.database.session() as session:
-            expired = session.execute(
-                select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
-            ).scalars()
+            expired = (
+                session.execute(
+                    select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+                )
+                .scalars()
+                .all()
+            )
             for job in expired:
                 study_uid = session.get(Study, job.study_id)
                 uid = study_uid.study_instance_uid if study_uid else None
@@ -193,9 +197,13 @@ class Sweeper:
                         job=job.id,
                         attempts=job.attempts,
                     )
-            lost = session.execute(
-                select(Job).where(Job.status == JobStatus.QUEUED, Job.queued_at < stale)
-            ).scalars()
+            lost = (
+                session.execute(
+                    select(Job).where(Job.status == JobStatus.QUEUED, Job.queued_at < stale)
+                )
+                .scalars()
+                .all()
+            )
             for job in lost:
                 job.queued_at = now
                 report.jobs_requeued.append((job.id, job.queue))
@@ -212,7 +220,7 @@ class Sweeper:
                         or_(
                             Delivery.enqueued_at.is_(None),
                             Delivery.enqueued_at < Delivery.next_attempt_at,
-                            and_(Delivery.enqueued_at < stale),
+                            Delivery.enqueued_at < stale,
                         ),
                     )
                 )
