@@ -75,6 +75,7 @@ def main() -> None:
         carebridge.start_worker()
         rng = np.random.default_rng(0)
         overheads, totals, model_times = [], [], []
+        stages: dict[str, list[float]] = {}
         for index in range(args.studies + 1):  # the first study warms the worker up
             folder = root / f"study{index}"
             folder.mkdir()
@@ -114,6 +115,14 @@ def main() -> None:
             at = {e["type"]: datetime.fromisoformat(str(e["at"])) for e in report["events"]}
             total = (at["delivery.sent"] - at["study.stable"]).total_seconds() * 1000
             timings = report["jobs"][0]["timings_ms"]
+            for stage, value in timings.items():
+                stages.setdefault(stage, []).append(value)
+            stages.setdefault("job start after stable", []).append(
+                (at["job.started"] - at["study.stable"]).total_seconds() * 1000
+            )
+            stages.setdefault("delivery sent after job done", []).append(
+                (at["delivery.sent"] - at["job.succeeded"]).total_seconds() * 1000
+            )
             model = timings.get("model_load_ms", 0) + timings.get("inference_ms", 0)
             totals.append(total)
             model_times.append(model)
@@ -127,6 +136,8 @@ def main() -> None:
             f"max {max(totals):7.1f} ms"
         )
         print(f"model time       median {statistics.median(model_times):7.1f} ms")
+        for stage, values in stages.items():
+            print(f"  {stage:<30} median {statistics.median(values):7.1f} ms")
         print(
             f"total - model    median {statistics.median(overheads):7.1f} ms   "
             f"max {max(overheads):7.1f} ms   (target: median <= 250 ms)"

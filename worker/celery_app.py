@@ -32,11 +32,12 @@ def make_celery(settings: Settings) -> Celery:
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
-            "polling_interval": 0.1,
+            # A folder listing per queue; cheap, and latency is what a radiologist waits.
+            "polling_interval": 0.02,
         }
     elif settings.broker_url.startswith("redis"):
         # Unacked messages come back after this; the sweeper usually re-sends sooner.
-        transport_options = {"visibility_timeout": 3600, "polling_interval": 0.1}
+        transport_options = {"visibility_timeout": 3600}
     app.conf.update(
         broker_url=settings.effective_broker_url,
         broker_transport_options=transport_options,
