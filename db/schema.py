@@ -66,6 +66,18 @@ class DeliveryStatus(enum.StrEnum):
     DEAD = "dead"  # dead-lettered after the last attempt or a permanent refusal
 
 
+class FhirEventSource(enum.StrEnum):
+    DIRECT = "direct"  # POSTed to /fhir or /fhir/{type}
+    SUBSCRIPTION = "subscription"  # a Subscription notification's focus
+
+
+class FhirEventStatus(enum.StrEnum):
+    RECEIVED = "received"  # committed; not yet handed to the broker
+    QUEUED = "queued"  # handed to the broker
+    PROCESSED = "processed"
+    FAILED = "failed"
+
+
 def _enum(cls: type[enum.Enum]) -> Enum:
     return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
 
@@ -220,6 +232,51 @@ class Delivery(Base):
         UniqueConstraint("output_id", "destination"),
         Index("ix_deliveries_status_next", "status", "next_attempt_at"),
     )
+
+
+class FhirEvent(Base):
+    """One clinical event taken by the FHIR webhook: a resource (or, for an id-only
+    notification, its type and id) committed before the sender got its 202."""
+
+    __tablename__ = "fhir_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    source: Mapped[FhirEventSource] = mapped_column(_enum(FhirEventSource))
+    # The model family the body was validated with: "R4" (direct POSTs and R4 backport
+    # notifications), "R4B" or "R5"; the processor parses the body with the same family.
+    fhir_version: Mapped[str] = mapped_column(String(8))
+    resource_type: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str | None] = mapped_column(String(64))
+    subscription: Mapped[str | None] = mapped_column(String(300))  # Subscription reference
+    event_number: Mapped[int | None] = mapped_column(BigInteger)  # events-since-start numbering
+    # Standard Webhooks id of the delivery, kept on the first event a delivery recorded
+    # (a Bundle records several): a replayed id is answered without recording again.
+    webhook_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    body_sha256: Mapped[str] = mapped_column(String(64))  # of the HTTP body as received
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the resource; None: id-only
+    status: Mapped[FhirEventStatus] = mapped_column(
+        _enum(FhirEventStatus), default=FhirEventStatus.RECEIVED
+    )
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    # When it was last handed to the broker; a failed hand-over leaves status RECEIVED.
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_fhir_events_status_received", "status", "received_at"),)
+
+
+class FhirSubscriptionState(Base):
+    """Per Subscription: the highest event number seen (events-since-subscription-start),
+    so a repeated notification is recognised and a gap is noticed."""
+
+    __tablename__ = "fhir_subscription_states"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subscription: Mapped[str] = mapped_column(String(300), unique=True)
+    last_event_number: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class AuditEvent(Base):

@@ -156,6 +156,52 @@ def listen_dicom(
         sweeper_thread.join(10)
 
 
+@app.command("listen-fhir")
+def listen_fhir(log_level: LogLevel = "INFO") -> None:
+    """Run the FHIR webhook (Subscription notifications, direct POSTs) on FHIR_HOST:FHIR_PORT."""
+    _logging(log_level)
+    settings = _settings()
+    database = _database(settings)
+    import uvicorn
+
+    from listeners.fhir import create_app
+    from worker.celery_app import make_celery
+    from worker.runtime import Dispatcher
+
+    try:
+        api = create_app(settings, database, Dispatcher(make_celery(settings)))
+    except ValueError as exc:
+        err.print(f"[red]carebridge: {exc}[/red]")
+        raise typer.Exit(2) from None
+    server = uvicorn.Server(
+        uvicorn.Config(
+            api,
+            host=settings.fhir_host,
+            port=settings.fhir_port,
+            log_level=log_level.lower(),
+            log_config=None,  # keep carebridge's logging
+            access_log=False,  # paths and peers are counted in /metrics instead
+        )
+    )
+    stop = _wait_for_signal()
+    # uvicorn runs in a thread so that this thread keeps the signal handlers, as elsewhere.
+    thread = threading.Thread(target=server.run, name="fhir-webhook")
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    if not thread.is_alive():
+        err.print("[red]carebridge listen-fhir: the webhook did not start[/red]")
+        raise typer.Exit(1)
+    print("carebridge listen-fhir: ready", flush=True)
+    while not stop.is_set() and thread.is_alive():
+        stop.wait(0.5)
+    server.should_exit = True
+    thread.join(30)
+    database.dispose()
+    if not stop.is_set():
+        raise typer.Exit(1)  # the server stopped on its own
+
+
 @app.command()
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = "gpu,cpu,deliver",
@@ -213,7 +259,7 @@ def _ensure_demo_models(settings: Settings) -> None:
 
 @app.command()
 def serve(log_level: LogLevel = "INFO") -> None:
-    """Run everything: DICOM SCP, sweeper and a worker (embedded defaults under ./var)."""
+    """Run everything: DICOM SCP, FHIR webhook, sweeper and a worker (embedded defaults)."""
     _logging(log_level)
     settings = _settings()
     from db.migrate import upgrade
@@ -223,6 +269,7 @@ def serve(log_level: LogLevel = "INFO") -> None:
     me = [sys.executable, "-m", "listeners.cli"]
     children = {
         "listen-dicom": subprocess.Popen([*me, "listen-dicom", "--log-level", log_level]),
+        "listen-fhir": subprocess.Popen([*me, "listen-fhir", "--log-level", log_level]),
         "worker": subprocess.Popen([*me, "worker", "--log-level", log_level]),
     }
     stop = _wait_for_signal()

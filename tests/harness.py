@@ -83,6 +83,7 @@ class Carebridge:
             "archive_dir": root / "var" / "archive",
             "models_dir": models_dir,
             "dicom_port": self.dicom_port,
+            "fhir_port": free_port(),
             "study_stable_seconds": 1,
             "sweep_interval_seconds": 0.2,
             "device": "cpu",

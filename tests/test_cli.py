@@ -105,6 +105,7 @@ def test_serve_runs_embedded_default(models_dir: Path, tmp_path: Path) -> None:
     env.update(
         CAREBRIDGE_MODELS_DIR=str(models_dir),
         CAREBRIDGE_DICOM_PORT=str(port),
+        CAREBRIDGE_FHIR_PORT=str(free_port()),
         PYTHONUNBUFFERED="1",
     )
     log = (tmp_path / "serve.log").open("wb")

@@ -17,6 +17,7 @@ from worker.settings import Settings
 QUEUES = ("gpu", "cpu", "deliver")
 RUN_JOB_TASK = "carebridge.run_job"
 DELIVER_TASK = "carebridge.deliver"
+PROCESS_FHIR_EVENT_TASK = "carebridge.process_fhir_event"
 
 
 def make_celery(settings: Settings) -> Celery:

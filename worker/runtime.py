@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery
 
 from db.engine import Database
-from worker.celery_app import DELIVER_TASK, RUN_JOB_TASK, make_celery
+from worker.celery_app import DELIVER_TASK, PROCESS_FHIR_EVENT_TASK, RUN_JOB_TASK, make_celery
 from worker.routing import RoutingRules
 from worker.settings import Settings
 
@@ -37,15 +37,22 @@ class Dispatcher:
     def publish_delivery(self, delivery_id: int) -> bool:
         return self._send(DELIVER_TASK, delivery_id, "deliver")
 
+    def publish_fhir_event(self, event_id: int) -> str | None:
+        """Publish one FHIR event; the Celery task id, or None when the broker refused."""
+        return self._publish(PROCESS_FHIR_EVENT_TASK, event_id, "cpu")
+
     def _send(self, task: str, ident: int, queue: str) -> bool:
+        return self._publish(task, ident, queue) is not None
+
+    def _publish(self, task: str, ident: int, queue: str) -> str | None:
         try:
-            self.app.send_task(task, args=[ident], queue=queue, retry=False)
+            result = self.app.send_task(task, args=[ident], queue=queue, retry=False)
         except Exception as exc:  # broker down: the sweeper re-sends from the database
             log.warning(
                 "could not publish %s(%d) to %s: %s", task, ident, queue, type(exc).__name__
             )
-            return False
-        return True
+            return None
+        return str(result.id)
 
 
 @dataclass

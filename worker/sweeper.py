@@ -14,14 +14,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db import audit
 from db.engine import Database
+from db.fhir_events import mark_queued
 from db.schema import (
     Delivery,
     DeliveryStatus,
+    FhirEvent,
+    FhirEventStatus,
     Instance,
     Job,
     JobStatus,
@@ -49,6 +52,7 @@ class SweepReport:
     jobs_requeued: list[tuple[int, str]] = field(default_factory=list)
     jobs_failed: int = 0
     deliveries_published: list[int] = field(default_factory=list)
+    fhir_events_published: list[int] = field(default_factory=list)
 
 
 class Sweeper:
@@ -233,6 +237,29 @@ class Sweeper:
                 )
             report.deliveries_published.extend(due)
 
+    def requeue_fhir_events(self, now: datetime, report: SweepReport) -> None:
+        """FHIR events the webhook committed but could not hand to the broker."""
+        stale = now - timedelta(seconds=self.settings.requeue_after_seconds)
+        with self.database.session() as session:
+            due = (
+                session.execute(
+                    select(FhirEvent.id)
+                    .where(
+                        FhirEvent.status == FhirEventStatus.RECEIVED,
+                        func.coalesce(FhirEvent.queued_at, FhirEvent.received_at) < stale,
+                    )
+                    .order_by(FhirEvent.id)
+                    .limit(500)
+                )
+                .scalars()
+                .all()
+            )
+            if due:  # the attempt time: a broker that stays down is retried once per period
+                session.execute(
+                    update(FhirEvent).where(FhirEvent.id.in_(due)).values(queued_at=now)
+                )
+        report.fhir_events_published.extend(due)
+
     # Loop ---------------------------------------------------------------------------
 
     def sweep_once(self, now: datetime | None = None) -> SweepReport:
@@ -241,10 +268,26 @@ class Sweeper:
         report = SweepReport()
         self.route_stable_studies(now, report)
         self.requeue_stuck(now, report)
+        self.requeue_fhir_events(now, report)
         for job_id, queue in report.jobs_created + report.jobs_requeued:
             self.dispatcher.publish_job(job_id, queue)
         for delivery_id in report.deliveries_published:
             self.dispatcher.publish_delivery(delivery_id)
+        published = [
+            (event_id, task_id)
+            for event_id in report.fhir_events_published
+            if (task_id := self.dispatcher.publish_fhir_event(event_id))
+        ]
+        if published:
+            with self.database.session() as session:
+                for event_id, task_id in published:
+                    mark_queued(session, event_id, task_id, now)
+        if report.fhir_events_published:
+            log.info(
+                "sweep: %d FHIR events re-sent, %d taken by the broker",
+                len(report.fhir_events_published),
+                len(published),
+            )
         if report.studies_routed or report.jobs_requeued or report.jobs_failed:
             log.info(
                 "sweep: %d studies routed, %d jobs created, %d re-sent, %d failed",

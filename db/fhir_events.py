@@ -1,0 +1,167 @@
+"""FHIR events as the webhook records them, and Subscription event numbering.
+
+Every function works in the caller's transaction: the webhook records its events, the
+Subscription state and the audit event together and commits once, before it answers.
+Subscription servers number their notifications (``events-since-subscription-start``);
+keeping the highest number seen per Subscription tells a repeated notification (a no-op)
+from a gap (events that never arrived).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.schema import (
+    FhirEvent,
+    FhirEventSource,
+    FhirEventStatus,
+    FhirSubscriptionState,
+    utcnow,
+)
+
+
+class EventNumberVerdict(enum.StrEnum):
+    """Where an event number falls relative to the last one seen for its Subscription."""
+
+    OK = "ok"  # the next number, or the first one seen
+    REPEAT = "repeat"  # already seen: the notification was re-sent
+    GAP = "gap"  # numbers were skipped: those events never arrived here
+
+
+@dataclass(frozen=True)
+class EventNumberCheck:
+    """The verdict on one event number, with the missing range on a gap (inclusive)."""
+
+    verdict: EventNumberVerdict
+    missing_from: int | None = None
+    missing_to: int | None = None
+
+
+def record_event(
+    session: Session,
+    *,
+    source: FhirEventSource,
+    fhir_version: str,
+    resource_type: str,
+    resource_id: str | None,
+    body: dict[str, Any] | None,
+    body_sha256: str,
+    subscription: str | None = None,
+    event_number: int | None = None,
+    webhook_id: str | None = None,
+    now: datetime | None = None,
+) -> FhirEvent:
+    """Add one event in status RECEIVED and flush it, so its id is known before commit."""
+    event = FhirEvent(
+        received_at=now or utcnow(),
+        source=source,
+        fhir_version=fhir_version,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        subscription=subscription,
+        event_number=event_number,
+        webhook_id=webhook_id,
+        body_sha256=body_sha256,
+        body=body,
+        status=FhirEventStatus.RECEIVED,
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+def find_by_webhook_id(session: Session, webhook_id: str) -> FhirEvent | None:
+    """The event a Standard Webhooks delivery with this id recorded, if any."""
+    return session.execute(
+        select(FhirEvent).where(FhirEvent.webhook_id == webhook_id)
+    ).scalar_one_or_none()
+
+
+def mark_queued(session: Session, event_id: int, task_id: str, now: datetime) -> bool:
+    """RECEIVED -> QUEUED after the broker took the task; False if it had moved on."""
+    changed: Any = session.execute(
+        update(FhirEvent)
+        .where(FhirEvent.id == event_id, FhirEvent.status == FhirEventStatus.RECEIVED)
+        .values(status=FhirEventStatus.QUEUED, task_id=task_id, queued_at=now)
+    )
+    return bool(changed.rowcount == 1)
+
+
+def _locked_state(session: Session, subscription: str, now: datetime) -> FhirSubscriptionState:
+    # FOR UPDATE serialises notifications of one Subscription on PostgreSQL (SQLite
+    # transactions are already serial). Two first notifications racing to insert the row
+    # make one commit fail on the unique constraint; the webhook retries that transaction.
+    state = session.execute(
+        select(FhirSubscriptionState)
+        .where(FhirSubscriptionState.subscription == subscription)
+        .with_for_update()
+    ).scalar_one_or_none()
+    if state is None:
+        state = FhirSubscriptionState(
+            subscription=subscription, last_event_number=0, updated_at=now
+        )
+        session.add(state)
+        session.flush()
+    return state
+
+
+def check_event_number(
+    session: Session, subscription: str, event_number: int, *, now: datetime | None = None
+) -> EventNumberCheck:
+    """Check one notification event's number and advance the Subscription's state.
+
+    Numbering starts at 1, so the first event seen with a higher number is a gap: the
+    events before it were sent before carebridge recorded this Subscription.
+    """
+    now = now or utcnow()
+    state = _locked_state(session, subscription, now)
+    last = state.last_event_number
+    if event_number <= last:
+        return EventNumberCheck(EventNumberVerdict.REPEAT)
+    state.last_event_number = event_number
+    state.updated_at = now
+    if event_number > last + 1:
+        return EventNumberCheck(EventNumberVerdict.GAP, last + 1, event_number - 1)
+    return EventNumberCheck(EventNumberVerdict.OK)
+
+
+def note_status(
+    session: Session,
+    subscription: str,
+    events_since_start: int | None,
+    *,
+    heartbeat: bool,
+    now: datetime | None = None,
+) -> EventNumberCheck:
+    """Record a handshake or heartbeat: the server says how many events it has sent.
+
+    More than we have seen is a gap (the missing events are the ones after our last);
+    the state then moves on so the same gap is reported once.
+    """
+    now = now or utcnow()
+    state = _locked_state(session, subscription, now)
+    state.updated_at = now
+    if heartbeat:
+        state.last_heartbeat_at = now
+    last = state.last_event_number
+    if events_since_start is None or events_since_start <= last:
+        return EventNumberCheck(EventNumberVerdict.OK)
+    state.last_event_number = events_since_start
+    return EventNumberCheck(EventNumberVerdict.GAP, last + 1, events_since_start)
+
+
+def advance_to(
+    session: Session, subscription: str, events_since_start: int, *, now: datetime | None = None
+) -> None:
+    """Move the Subscription's last event number up to ``events_since_start`` (never down)."""
+    now = now or utcnow()
+    state = _locked_state(session, subscription, now)
+    if events_since_start > state.last_event_number:
+        state.last_event_number = events_since_start
+        state.updated_at = now

@@ -1,0 +1,409 @@
+"""The FHIR webhook: clinical events taken durably, then queued by task name.
+
+Thin on purpose, like the DICOM SCP: check the credentials, read a bounded body, parse
+and validate it completely, then in ONE transaction record the events, the Subscription
+state and the audit event, commit, and only then answer 202 and publish
+``carebridge.process_fhir_event`` (args [event id], queue ``cpu``) per event. A broker
+outage never refuses an event (it stays ``received`` and the sweeper re-sends it); a
+database outage is a 503 so the sender retries. Nothing is stored or queued for a request
+that is refused. Publishing runs after the 202 is sent, so the EHR never waits on the
+broker.
+
+Endpoints (every error body is an OperationOutcome, ``application/fhir+json``):
+
+- ``POST /fhir`` a supported resource or a batch/transaction/collection/history Bundle
+  of them; a Subscription notification posted here is handled as on ``/fhir/notify``.
+- ``POST /fhir/{type}`` for DocumentReference, Observation, Condition, Patient.
+- ``POST /fhir/notify`` Subscription notifications: R4 backport, R4B, R5; handshake,
+  heartbeat, event-notification (full-resource and id-only payloads).
+- ``GET /healthz`` (alive), ``GET /readyz`` (database reachable), ``GET /metrics``.
+
+Answers: 202 events recorded (OperationOutcome with one informational issue per event;
+``issue.details.coding`` = {system EVENT_ID_SYSTEM, code = the event id}); 200 nothing to
+record (handshake, heartbeat, repeated notification, replayed webhook-id); 400 not JSON;
+401 credentials missing; 403 credentials wrong; 413 body over MAX_BODY_BYTES; 415 not
+JSON media type; 422 not acceptable FHIR or an unsupported type/notification; 503
+database unavailable.
+
+Health and metrics endpoints carry no credentials check: they hold counts, never PHI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from db.engine import Database
+from listeners.fhir_auth import (
+    MAX_WEBHOOK_ID_LENGTH,
+    CredentialsRefused,
+    check_bearer,
+    decode_secret,
+    require_signature_headers,
+    verify_signature,
+)
+from listeners.fhir_payloads import (
+    PayloadError,
+    is_notification,
+    parse_direct,
+    parse_json,
+    parse_notification,
+)
+from listeners.fhir_recorder import EventRecorder, Parsed
+from worker.runtime import Dispatcher
+from worker.settings import Settings
+
+log = logging.getLogger("carebridge.fhir")
+
+MAX_BODY_BYTES = 10 * 1024 * 1024  # 10 MiB: a large transaction Bundle, not a data dump
+FHIR_JSON = "application/fhir+json"
+ACCEPTED_MEDIA_TYPES = (FHIR_JSON, "application/json")
+EVENT_ID_SYSTEM = "urn:carebridge:fhir-event"
+
+
+# Responses -----------------------------------------------------------------------------
+
+
+Issue = tuple[str, str]  # (OperationOutcome issue code, diagnostics)
+
+
+def operation_outcome(
+    issues: list[Issue], severity: str = "error", details: list[str | None] | None = None
+) -> dict[str, Any]:
+    """An OperationOutcome; ``details`` optionally tags each issue with an event id."""
+    body: list[dict[str, Any]] = []
+    for index, (code, diagnostics) in enumerate(issues):
+        issue: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": diagnostics}
+        tag = details[index] if details else None
+        if tag is not None:
+            issue["details"] = {"coding": [{"system": EVENT_ID_SYSTEM, "code": tag}]}
+        body.append(issue)
+    return {"resourceType": "OperationOutcome", "issue": body}
+
+
+def _answer(
+    status: int,
+    issues: list[Issue],
+    *,
+    severity: str = "error",
+    details: list[str | None] | None = None,
+    headers: dict[str, str] | None = None,
+    background: BackgroundTask | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        operation_outcome(issues, severity, details),
+        status_code=status,
+        media_type=FHIR_JSON,
+        headers=headers,
+        background=background,
+    )
+
+
+class Refused(Exception):
+    """A request refused before anything was stored."""
+
+    def __init__(self, status: int, issues: list[Issue]) -> None:
+        super().__init__(status)
+        self.status = status
+        self.issues = issues
+
+
+# Metrics -------------------------------------------------------------------------------
+
+
+class WebhookMetrics:
+    """Prometheus counters of one app, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "carebridge_fhir_requests",
+            "HTTP requests by route template and status code.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "carebridge_fhir_events_recorded",
+            "FHIR events committed, by resource type and source.",
+            ["resource_type", "source"],
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "carebridge_fhir_auth_failures",
+            "Requests refused for missing or wrong credentials, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+
+
+class _CountRequests:
+    """ASGI middleware: count every response by route template (never the raw path)."""
+
+    def __init__(self, app: ASGIApp, metrics: WebhookMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_counting(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counting)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            self.metrics.requests.labels(route, str(status)).inc()
+
+
+# Request checks ------------------------------------------------------------------------
+
+
+def _media_type_accepted(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    media, *parameters = (part.strip() for part in content_type.split(";"))
+    if media.lower() not in ACCEPTED_MEDIA_TYPES:
+        return False
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return False
+    return True
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past ``limit`` (declared or actually sent)."""
+    too_large = Refused(413, [("too-costly", f"the body is larger than {limit} bytes")])
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise Refused(400, [("structure", "Content-Length is not a number")])
+        if int(declared) > limit:
+            raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _plain_webhook_id(value: str | None) -> str | None:
+    """A webhook-id header sent without a configured secret: kept for replay detection."""
+    if value and len(value) <= MAX_WEBHOOK_ID_LENGTH and value.isprintable():
+        return value
+    return None
+
+
+# Requests ------------------------------------------------------------------------------
+
+
+class FhirIntake:
+    """One request's path: credentials, media type, bounded body, parse, record, queue."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        recorder: EventRecorder,
+        metrics: WebhookMetrics,
+        *,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.recorder = recorder
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.clock = clock
+        self.token = settings.webhook_token.get_secret_value() if settings.webhook_token else None
+        self.key = (
+            decode_secret(settings.webhook_secret.get_secret_value())
+            if settings.webhook_secret
+            else None
+        )
+
+    async def take(
+        self, request: Request, route: str, parse: Callable[[dict[str, Any]], Parsed]
+    ) -> Response:
+        """Check, parse, record and queue one request; answer with an OperationOutcome."""
+        try:
+            # Header checks first: missing credentials are refused before the body is read.
+            if self.token is not None:
+                check_bearer(self.token, request.headers.get("authorization"))
+            if self.key is not None:
+                require_signature_headers(request.headers)
+            if not _media_type_accepted(request.headers.get("content-type")):
+                raise Refused(
+                    415, [("not-supported", "send application/fhir+json or application/json")]
+                )
+            raw = await _read_body(request, self.max_body_bytes)
+            webhook_id: str | None
+            if self.key is not None:
+                webhook_id = verify_signature(self.key, request.headers, raw, self.clock())
+            else:
+                webhook_id = _plain_webhook_id(request.headers.get("webhook-id"))
+            # Parsing and validating up to MAX_BODY_BYTES is CPU work: off the event loop.
+            parsed = await run_in_threadpool(lambda: parse(parse_json(raw)))
+        except CredentialsRefused as exc:
+            return await self._refuse_credentials(request, route, exc)
+        except (Refused, PayloadError) as exc:
+            return _answer(exc.status, exc.issues)
+        body_sha256 = hashlib.sha256(raw).hexdigest()
+        try:
+            taken = await run_in_threadpool(self.recorder.record, parsed, webhook_id, body_sha256)
+        except SQLAlchemyError as exc:
+            log.error("FHIR request refused: database unavailable (%s)", type(exc).__name__)
+            return _answer(
+                503,
+                [("transient", "the database is unavailable; retry later")],
+                headers={"Retry-After": "5"},
+            )
+        if not taken.events:
+            return _answer(taken.status, [("informational", taken.message)], severity="information")
+        source = taken.source.value if taken.source else ""
+        for _, resource_type in taken.events:
+            self.metrics.events.labels(resource_type, source).inc()
+        # Published after the answer is sent: the events are committed, and a slow or
+        # absent broker must not hold the EHR's connection (the sweeper re-sends).
+        publish = BackgroundTask(self.recorder.publish, [event_id for event_id, _ in taken.events])
+        return _answer(
+            202,
+            [("informational", f"recorded as FHIR event {i} ({t})") for i, t in taken.events],
+            severity="information",
+            details=[str(event_id) for event_id, _ in taken.events],
+            background=publish,
+        )
+
+    async def _refuse_credentials(
+        self, request: Request, route: str, exc: CredentialsRefused
+    ) -> Response:
+        self.metrics.auth_failures.labels(exc.reason).inc()
+        peer = request.client.host if request.client else None
+        log.warning("FHIR request on %s refused (%s) from %s", route, exc.reason, peer)
+        await run_in_threadpool(self.recorder.audit_refusal, route, exc.status, exc.reason, peer)
+        headers = None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer" if self.token else "Signature"}
+        return _answer(
+            exc.status,
+            [("login" if exc.status == 401 else "forbidden", exc.diagnostics)],
+            headers=headers,
+        )
+
+
+# Application ---------------------------------------------------------------------------
+
+
+def _direct(path_type: str | None) -> Callable[[dict[str, Any]], Parsed]:
+    def parse(document: dict[str, Any]) -> Parsed:
+        if path_type is None and is_notification(document):
+            return parse_notification(document)
+        return parse_direct(document, path_type)
+
+    return parse
+
+
+def create_app(
+    settings: Settings,
+    database: Database,
+    dispatcher: Dispatcher,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """The webhook application. Raises ValueError for an unusable WEBHOOK_SECRET."""
+    metrics = WebhookMetrics()
+    intake = FhirIntake(
+        settings,
+        EventRecorder(database, dispatcher),
+        metrics,
+        max_body_bytes=max_body_bytes,
+        clock=clock,
+    )
+    app = FastAPI(title="carebridge FHIR webhook", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
+    app.state.intake = intake
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
+        return _answer(exc.status_code, [(code, str(exc.detail))])
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # The class and the frames only: an exception's message can quote the input.
+        log.error(
+            "unhandled %s\n%s",
+            type(exc).__name__,
+            "".join(traceback.format_tb(exc.__traceback__)),
+        )
+        return _answer(500, [("exception", "internal error")])
+
+    @app.post("/fhir/notify")
+    async def notify(request: Request) -> Response:
+        """Subscription notifications (R4 backport, R4B, R5)."""
+        return await intake.take(request, "/fhir/notify", parse_notification)
+
+    @app.post("/fhir")
+    async def post_base(request: Request) -> Response:
+        """A resource or a Bundle of them (or a notification posted to the base URL)."""
+        return await intake.take(request, "/fhir", _direct(None))
+
+    @app.post("/fhir/{resource_type}")
+    async def post_resource(resource_type: str, request: Request) -> Response:
+        """One resource of a supported type."""
+        return await intake.take(request, "/fhir/{resource_type}", _direct(resource_type))
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        """The process is alive."""
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Ready when the database answers."""
+
+        def ping() -> None:
+            with database.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+
+        try:
+            await run_in_threadpool(ping)
+        except SQLAlchemyError as exc:
+            return JSONResponse(
+                {"status": "unavailable", "database": type(exc).__name__}, status_code=503
+            )
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        """Prometheus text exposition of this app's counters."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

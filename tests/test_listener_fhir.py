@@ -1,0 +1,895 @@
+"""The FHIR webhook as an EHR sees it: status codes and OperationOutcomes on the wire, rows
+committed in fhir_events, the audit trail, and what was handed to the broker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from db.engine import Database
+from db.migrate import upgrade
+from db.schema import AuditEvent, FhirEvent, FhirEventStatus, FhirSubscriptionState, utcnow
+from listeners.fhir import MAX_BODY_BYTES, create_app
+from listeners.fhir_auth import sign
+from tests.peers import free_port, wait_for_port
+from worker.routing import RoutingRules
+from worker.settings import Settings
+from worker.sweeper import Sweeper
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = bytes(range(32))
+SECRET = "whsec_" + base64.b64encode(KEY).decode()
+TOKEN = "s3cret-token-for-tests"
+FHIR_JSON = "application/fhir+json"
+BACKPORT_PROFILE = (
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
+    "backport-subscription-status-r4"
+)
+SUBSCRIPTION = "https://ehr.example.org/fhir/Subscription/admission"
+PATIENT_NAME = "Zebedee Quuxworth"  # must never reach a log, an audit row or an error
+
+RESOURCES: dict[str, dict[str, Any]] = {
+    "Observation": {
+        "resourceType": "Observation",
+        "id": "obs-1",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": "Patient/pat-1"},
+        "valueQuantity": {"value": 72, "unit": "/min"},
+    },
+    "Condition": {
+        "resourceType": "Condition",
+        "id": "cond-1",
+        "code": {"text": "pneumonia"},
+        "subject": {"reference": "Patient/pat-1"},
+    },
+    "DocumentReference": {
+        "resourceType": "DocumentReference",
+        "id": "doc-1",
+        "status": "current",
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain",
+                    "data": base64.b64encode(b"cough and fever for three days").decode(),
+                }
+            }
+        ],
+    },
+    "Patient": {
+        "resourceType": "Patient",
+        "id": "pat-1",
+        "name": [{"family": PATIENT_NAME.split()[1], "given": [PATIENT_NAME.split()[0]]}],
+        "birthDate": "1970-01-01",
+    },
+}
+
+
+# Fixtures and helpers ------------------------------------------------------------------
+
+
+class RecordingDispatcher:
+    """Stands in for worker.runtime.Dispatcher: records what was published, or refuses
+    everything while the broker is 'down'."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.published: list[int] = []
+
+    def publish_fhir_event(self, event_id: int) -> str | None:
+        if not self.up:
+            return None
+        self.published.append(event_id)
+        return f"task-{event_id}-{len(self.published)}"
+
+    def publish_job(self, job_id: int, queue: str) -> bool:
+        return self.up
+
+    def publish_delivery(self, delivery_id: int) -> bool:
+        return self.up
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("CAREBRIDGE_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="module")
+def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "carebridge.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def database(tmp_path: Path, migrated_template: Path) -> Iterator[Database]:
+    """A migrated SQLite database of this test's own (a copy of a migrated template)."""
+    path = tmp_path / "carebridge.db"
+    shutil.copy(migrated_template, path)
+    database = Database(f"sqlite:///{path}")
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def dispatcher() -> RecordingDispatcher:
+    return RecordingDispatcher()
+
+
+def settings_for(database: Database, tmp_path: Path, **overrides: Any) -> Settings:
+    return Settings(
+        database_url=database.url, archive_dir=tmp_path / "var" / "archive", **overrides
+    )
+
+
+@pytest.fixture
+def make_client(
+    database: Database, dispatcher: RecordingDispatcher, tmp_path: Path
+) -> Iterator[Any]:
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        options = {k: overrides.pop(k) for k in ("max_body_bytes",) if k in overrides}
+        app = create_app(
+            settings_for(database, tmp_path, **overrides), database, dispatcher, **options
+        )  # type: ignore[arg-type]
+        client = TestClient(app)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def client(make_client: Any) -> TestClient:
+    return make_client()
+
+
+def events(database: Database) -> list[FhirEvent]:
+    with database.session() as session:
+        return list(session.execute(select(FhirEvent).order_by(FhirEvent.id)).scalars())
+
+
+def audit_events(database: Database, event_type: str | None = None) -> list[AuditEvent]:
+    with database.session() as session:
+        query = select(AuditEvent).order_by(AuditEvent.seq)
+        if event_type is not None:
+            query = query.where(AuditEvent.event_type == event_type)
+        return list(session.execute(query).scalars())
+
+
+def subscription_state(database: Database) -> FhirSubscriptionState | None:
+    with database.session() as session:
+        return session.execute(select(FhirSubscriptionState)).scalar_one_or_none()
+
+
+def post(client: TestClient, path: str, body: Any, **headers: str) -> Any:
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return client.post(path, content=payload, headers={"Content-Type": FHIR_JSON, **headers})
+
+
+def signed_headers(body: bytes, webhook_id: str = "msg_1", at: float | None = None) -> dict:
+    timestamp = str(int(time.time() if at is None else at))
+    return {
+        "webhook-id": webhook_id,
+        "webhook-timestamp": timestamp,
+        "webhook-signature": sign(KEY, webhook_id, timestamp, body),
+    }
+
+
+def outcome(response: Any, status: int) -> dict[str, Any]:
+    """Assert the status and that the body is a valid R4 OperationOutcome; return it."""
+    from fhir.resources.R4B.operationoutcome import OperationOutcome
+
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(FHIR_JSON)
+    body = response.json()
+    OperationOutcome.model_validate(body)
+    assert body["issue"] and all("diagnostics" in issue for issue in body["issue"])
+    return body
+
+
+def event_ids(body: dict[str, Any]) -> list[int]:
+    return [
+        int(issue["details"]["coding"][0]["code"]) for issue in body["issue"] if "details" in issue
+    ]
+
+
+def assert_nothing_taken(database: Database, dispatcher: RecordingDispatcher) -> None:
+    assert events(database) == []
+    assert audit_events(database, "fhir.received") == []
+    assert dispatcher.published == []
+
+
+# Notification builders -----------------------------------------------------------------
+
+
+def backport(
+    kind: str,
+    events_since: int,
+    notified: list[tuple[int, str]] = (),  # type: ignore[assignment]
+    resources: list[dict[str, Any]] = (),  # type: ignore[assignment]
+) -> dict[str, Any]:
+    """An R4 backport notification: (event number, focus reference) per event."""
+    parameters: list[dict[str, Any]] = [
+        {"name": "subscription", "valueReference": {"reference": SUBSCRIPTION}},
+        {"name": "topic", "valueCanonical": "http://example.org/topic/vitals"},
+        {"name": "status", "valueCode": "active"},
+        {"name": "type", "valueCode": kind},
+        {"name": "events-since-subscription-start", "valueString": str(events_since)},
+    ]
+    for number, focus in notified:
+        parameters.append(
+            {
+                "name": "notification-event",
+                "part": [
+                    {"name": "event-number", "valueString": str(number)},
+                    {"name": "focus", "valueReference": {"reference": focus}},
+                ],
+            }
+        )
+    entries: list[dict[str, Any]] = [
+        {
+            "fullUrl": "urn:uuid:9e1b1d2c-1b7c-4d1c-9bb0-3c2f0a5d6e7f",
+            "resource": {
+                "resourceType": "Parameters",
+                "meta": {"profile": [BACKPORT_PROFILE]},
+                "parameter": parameters,
+            },
+        }
+    ]
+    for resource in resources:
+        entries.append(
+            {
+                "fullUrl": f"https://ehr.example.org/fhir/{resource['resourceType']}/{resource['id']}",
+                "resource": resource,
+                "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"},
+                "response": {"status": "200"},
+            }
+        )
+    return {"resourceType": "Bundle", "type": "history", "entry": entries}
+
+
+def subscription_status_bundle(
+    bundle_type: str, events_since: int | str, number: int | str, resource: dict[str, Any]
+) -> dict[str, Any]:
+    """An R4B (history) or R5 (subscription-notification) full-resource notification."""
+    focus = f"https://ehr.example.org/fhir/{resource['resourceType']}/{resource['id']}"
+    return {
+        "resourceType": "Bundle",
+        "type": bundle_type,
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+                "resource": {
+                    "resourceType": "SubscriptionStatus",
+                    "status": "active",
+                    "type": "event-notification",
+                    "eventsSinceSubscriptionStart": events_since,
+                    "notificationEvent": [{"eventNumber": number, "focus": {"reference": focus}}],
+                    "subscription": {"reference": SUBSCRIPTION},
+                    "topic": "http://example.org/topic/vitals",
+                },
+            },
+            {"fullUrl": focus, "resource": resource},
+        ],
+    }
+
+
+# Direct POSTs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resource_type", sorted(RESOURCES))
+def test_direct_post_is_committed_audited_and_queued(
+    client: TestClient,
+    database: Database,
+    dispatcher: RecordingDispatcher,
+    resource_type: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    resource = RESOURCES[resource_type]
+    response = post(client, f"/fhir/{resource_type}", resource)
+    body = outcome(response, 202)
+    (row,) = events(database)
+    assert event_ids(body) == [row.id]
+    assert row.resource_type == resource_type and row.resource_id == resource["id"]
+    assert row.body == resource and row.source == "direct" and row.fhir_version == "R4"
+    assert row.status is FhirEventStatus.QUEUED and row.task_id and row.queued_at
+    assert dispatcher.published == [row.id]
+    (received,) = audit_events(database, "fhir.received")
+    assert received.detail["events"] == [row.id]
+    assert received.detail["resource_types"] == [resource_type]
+    assert PATIENT_NAME.split()[1] not in json.dumps(received.detail)
+    assert PATIENT_NAME.split()[1] not in caplog.text
+
+
+def test_bundle_records_every_entry(
+    client: TestClient, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": RESOURCES["Observation"],
+                "request": {"method": "POST", "url": "Observation"},
+            },
+            {"resource": RESOURCES["Condition"], "request": {"method": "POST", "url": "Condition"}},
+        ],
+    }
+    body = outcome(post(client, "/fhir", bundle), 202)
+    rows = events(database)
+    assert [r.resource_type for r in rows] == ["Observation", "Condition"]
+    assert event_ids(body) == [r.id for r in rows] == dispatcher.published
+    assert len({r.body_sha256 for r in rows}) == 1  # one delivery, one body hash
+    (received,) = audit_events(database, "fhir.received")
+    assert received.detail["events"] == [r.id for r in rows]
+
+
+# Refusals: nothing stored, nothing queued ----------------------------------------------
+
+
+def test_missing_signature_is_401_and_audited(
+    make_client: Any, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    client = make_client(webhook_secret=SECRET)
+    body = outcome(post(client, "/fhir/Observation", RESOURCES["Observation"]), 401)
+    assert body["issue"][0]["code"] == "login"
+    assert_nothing_taken(database, dispatcher)
+    (failure,) = audit_events(database, "fhir.auth_failed")
+    assert failure.detail["status"] == 401 and failure.detail["reason"] == "missing_signature"
+    assert "Observation" not in json.dumps(failure.detail["reason"])
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("bad_signature", "bad_signature"),
+        ("stale_timestamp", "stale_timestamp"),
+        ("future_timestamp", "stale_timestamp"),
+        ("other_body", "bad_signature"),
+    ],
+)
+def test_wrong_signature_is_403(
+    make_client: Any, database: Database, dispatcher: RecordingDispatcher, case: str, reason: str
+) -> None:
+    client = make_client(webhook_secret=SECRET)
+    payload = json.dumps(RESOURCES["Observation"]).encode()
+    headers = signed_headers(payload)
+    if case == "bad_signature":
+        headers["webhook-signature"] = "v1," + base64.b64encode(b"x" * 32).decode()
+    elif case == "stale_timestamp":
+        headers = signed_headers(payload, at=time.time() - 301)
+    elif case == "future_timestamp":
+        headers = signed_headers(payload, at=time.time() + 400)
+    else:
+        headers = signed_headers(b'{"resourceType": "Observation"}')
+    body = outcome(post(client, "/fhir/Observation", payload, **headers), 403)
+    assert body["issue"][0]["code"] == "forbidden"
+    assert_nothing_taken(database, dispatcher)
+    (failure,) = audit_events(database, "fhir.auth_failed")
+    assert failure.detail["reason"] == reason
+
+
+def test_signed_delivery_is_taken_once_and_a_replay_is_a_no_op(
+    make_client: Any, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    client = make_client(webhook_secret=SECRET)
+    payload = json.dumps(RESOURCES["Observation"]).encode()
+    headers = signed_headers(payload, webhook_id="msg_2KWPBgLlAfxdpx2AI54pPJ85f4W")
+    # Rotation: the sender may send several signatures; one valid is enough.
+    headers["webhook-signature"] = (
+        "v1," + base64.b64encode(b"y" * 32).decode() + " " + headers["webhook-signature"]
+    )
+    first = outcome(post(client, "/fhir/Observation", payload, **headers), 202)
+    replay = outcome(post(client, "/fhir/Observation", payload, **headers), 200)
+    assert replay["issue"][0]["severity"] == "information"
+    (row,) = events(database)
+    assert event_ids(first) == [row.id] and row.webhook_id == "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W"
+    assert dispatcher.published == [row.id]
+    assert len(audit_events(database, "fhir.received")) == 1
+
+
+def test_webhook_id_without_a_secret_still_detects_replays(
+    client: TestClient, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    headers = {"webhook-id": "msg_plain_1"}
+    outcome(post(client, "/fhir/Condition", RESOURCES["Condition"], **headers), 202)
+    outcome(post(client, "/fhir/Condition", RESOURCES["Condition"], **headers), 200)
+    assert len(events(database)) == 1 and len(dispatcher.published) == 1
+
+
+def test_concurrent_duplicate_delivery_is_answered_as_a_replay(
+    client: TestClient,
+    database: Database,
+    dispatcher: RecordingDispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two deliveries of one webhook-id race: the loser's insert hits the unique key,
+    its transaction is retried and sees the winner's row."""
+    from db import fhir_events
+
+    headers = {"webhook-id": "msg_race"}
+    outcome(post(client, "/fhir/Observation", RESOURCES["Observation"], **headers), 202)
+    real = fhir_events.find_by_webhook_id
+    looked_up: list[str] = []
+
+    def not_yet_visible(session: Any, webhook_id: str) -> Any:
+        looked_up.append(webhook_id)
+        return None if len(looked_up) == 1 else real(session, webhook_id)
+
+    monkeypatch.setattr(fhir_events, "find_by_webhook_id", not_yet_visible)
+    outcome(post(client, "/fhir/Observation", RESOURCES["Observation"], **headers), 200)
+    assert looked_up == ["msg_race", "msg_race"]
+    assert len(events(database)) == 1 and len(audit_events(database, "fhir.received")) == 1
+
+
+def test_secret_without_prefix_and_bearer_token_together(
+    make_client: Any, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    client = make_client(webhook_secret=base64.b64encode(KEY).decode(), webhook_token=TOKEN)
+    payload = json.dumps(RESOURCES["Condition"]).encode()
+    unsigned = post(client, "/fhir/Condition", payload, Authorization=f"Bearer {TOKEN}")
+    outcome(unsigned, 401)
+    no_token = post(client, "/fhir/Condition", payload, **signed_headers(payload))
+    outcome(no_token, 401)
+    assert no_token.headers["www-authenticate"] == "Bearer"
+    assert_nothing_taken(database, dispatcher)
+    both = post(
+        client,
+        "/fhir/Condition",
+        payload,
+        Authorization=f"Bearer {TOKEN}",
+        **signed_headers(payload),
+    )
+    outcome(both, 202)
+    assert len(events(database)) == 1
+
+
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [(None, 401), ("Basic dXNlcjpwdw==", 401), ("Bearer wrong", 403), (f"bearer {TOKEN}", 202)],
+)
+def test_bearer_token(
+    make_client: Any,
+    database: Database,
+    dispatcher: RecordingDispatcher,
+    authorization: str | None,
+    status: int,
+) -> None:
+    client = make_client(webhook_token=TOKEN)
+    headers = {"Authorization": authorization} if authorization else {}
+    outcome(post(client, "/fhir/Observation", RESOURCES["Observation"], **headers), status)
+    if status == 202:
+        assert len(events(database)) == 1
+    else:
+        assert_nothing_taken(database, dispatcher)
+        assert len(audit_events(database, "fhir.auth_failed")) == 1
+
+
+def test_unusable_secret_is_refused_at_start(database: Database, tmp_path: Path) -> None:
+    settings = settings_for(database, tmp_path, webhook_secret="whsec_not*base64")
+    with pytest.raises(ValueError, match="CAREBRIDGE_WEBHOOK_SECRET"):
+        create_app(settings, database, RecordingDispatcher())  # type: ignore[arg-type]
+
+
+def test_body_over_the_cap_is_413(
+    make_client: Any, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    client = make_client()
+    declared = post(client, "/fhir/Observation", b" " * (MAX_BODY_BYTES + 1))
+    outcome(declared, 413)
+    small = make_client(max_body_bytes=1024)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the cap applies to what is read
+        yield json.dumps(RESOURCES["Observation"]).encode()
+        yield b" " * 2048
+
+    streamed = small.post(
+        "/fhir/Observation", content=chunks(), headers={"Content-Type": FHIR_JSON}
+    )
+    outcome(streamed, 413)
+    assert_nothing_taken(database, dispatcher)
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/xml", "application/fhir+xml", ""]
+)
+def test_wrong_content_type_is_415(
+    client: TestClient, database: Database, dispatcher: RecordingDispatcher, content_type: str
+) -> None:
+    response = client.post(
+        "/fhir/Observation",
+        content=json.dumps(RESOURCES["Observation"]).encode(),
+        headers={"Content-Type": content_type},
+    )
+    outcome(response, 415)
+    assert_nothing_taken(database, dispatcher)
+
+
+def test_plain_json_content_type_is_accepted(client: TestClient, database: Database) -> None:
+    response = client.post(
+        "/fhir/Observation",
+        content=json.dumps(RESOURCES["Observation"]).encode(),
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+    outcome(response, 202)
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"", b'{"a": NaN}', b"\xff\xfe"])
+def test_bad_json_is_400(
+    client: TestClient, database: Database, dispatcher: RecordingDispatcher, payload: bytes
+) -> None:
+    outcome(post(client, "/fhir", payload), 400)
+    assert_nothing_taken(database, dispatcher)
+
+
+INVALID = {
+    "missing status": ("/fhir/Observation", {"resourceType": "Observation", "code": {"text": "x"}}),
+    "unknown element": ("/fhir/Patient", {**RESOURCES["Patient"], "favouriteColour": "blue"}),
+    "type mismatch": ("/fhir/Condition", RESOURCES["Observation"]),
+    "id too long": ("/fhir/Observation", {**RESOURCES["Observation"], "id": "a" * 65}),
+    "unsupported type": ("/fhir/Encounter", {"resourceType": "Encounter", "status": "planned"}),
+    "not a resource": ("/fhir", [RESOURCES["Observation"]]),
+    "no resourceType": ("/fhir", {"status": "final"}),
+    "unknown resourceType": ("/fhir", {"resourceType": "Nonsense"}),
+    "bundle type": ("/fhir", {"resourceType": "Bundle", "type": "document", "entry": []}),
+    "bundle entry type": (
+        "/fhir",
+        {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [
+                {"resource": RESOURCES["Observation"]},
+                {"resource": {"resourceType": "Encounter", "status": "planned"}},
+            ],
+        },
+    ),
+    "bundle invalid entry": (
+        "/fhir",
+        {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [
+                {"resource": RESOURCES["Observation"]},
+                {"resource": {"resourceType": "Observation"}},
+            ],
+        },
+    ),
+    "notification focus type": (
+        "/fhir/notify",
+        backport("event-notification", 1, [(1, "https://ehr.example.org/fhir/Encounter/e1")]),
+    ),
+    "notification query-status": ("/fhir/notify", backport("query-status", 3)),
+    "notification not a notification": ("/fhir/notify", RESOURCES["Observation"]),
+    "notification empty payload": (
+        "/fhir/notify",
+        {
+            "resourceType": "Bundle",
+            "type": "history",
+            "entry": [
+                {
+                    "resource": {
+                        "resourceType": "SubscriptionStatus",
+                        "status": "active",
+                        "type": "event-notification",
+                        "notificationEvent": [{"eventNumber": "1"}],
+                        "subscription": {"reference": SUBSCRIPTION},
+                    }
+                }
+            ],
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_fhir_is_422(
+    client: TestClient, database: Database, dispatcher: RecordingDispatcher, case: str
+) -> None:
+    path, body = INVALID[case]
+    outcome(post(client, path, body), 422)
+    assert_nothing_taken(database, dispatcher)
+    assert subscription_state(database) is None
+
+
+def test_errors_never_quote_the_input(
+    client: TestClient, database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    patient = {**RESOURCES["Patient"], "birthDate": PATIENT_NAME, "gender": [PATIENT_NAME]}
+    body = outcome(post(client, "/fhir/Patient", patient), 422)
+    diagnostics = " ".join(issue["diagnostics"] for issue in body["issue"])
+    assert "Patient.birthDate" in diagnostics
+    assert PATIENT_NAME not in json.dumps(body) and PATIENT_NAME not in caplog.text
+
+
+def test_unknown_path_is_an_operation_outcome(client: TestClient) -> None:
+    outcome(client.get("/fhir/Observation"), 405)
+    outcome(client.get("/nowhere"), 404)
+
+
+# Subscription notifications ------------------------------------------------------------
+
+
+def test_handshake_and_heartbeat_record_state_without_events(
+    client: TestClient, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    outcome(post(client, "/fhir/notify", backport("handshake", 0)), 200)
+    state = subscription_state(database)
+    assert state is not None and state.subscription == SUBSCRIPTION
+    assert state.last_event_number == 0 and state.last_heartbeat_at is None
+    assert len(audit_events(database, "fhir.subscription_handshake")) == 1
+    outcome(post(client, "/fhir/notify", backport("heartbeat", 0)), 200)
+    state = subscription_state(database)
+    assert state is not None and state.last_heartbeat_at is not None
+    assert_nothing_taken(database, dispatcher)
+    assert audit_events(database, "fhir.notification_gap") == []
+
+
+def test_heartbeat_reveals_missed_events(client: TestClient, database: Database) -> None:
+    outcome(post(client, "/fhir/notify", backport("handshake", 0)), 200)
+    outcome(post(client, "/fhir/notify", backport("heartbeat", 3)), 200)
+    (gap,) = audit_events(database, "fhir.notification_gap")
+    assert (gap.detail["missing_from"], gap.detail["missing_to"]) == (1, 3)
+    outcome(post(client, "/fhir/notify", backport("heartbeat", 3)), 200)
+    assert len(audit_events(database, "fhir.notification_gap")) == 1  # reported once
+
+
+def test_backport_full_resource_notification(
+    client: TestClient, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    observation = RESOURCES["Observation"]
+    notification = backport(
+        "event-notification",
+        1,
+        [(1, "https://ehr.example.org/fhir/Observation/obs-1")],
+        [observation],
+    )
+    body = outcome(post(client, "/fhir/notify", notification), 202)
+    (row,) = events(database)
+    assert event_ids(body) == [row.id] == dispatcher.published
+    assert row.source == "subscription" and row.fhir_version == "R4"
+    assert row.subscription == SUBSCRIPTION and row.event_number == 1
+    assert row.resource_type == "Observation" and row.resource_id == "obs-1"
+    assert row.body == observation
+    (received,) = audit_events(database, "fhir.received")
+    assert received.detail["subscription"] == SUBSCRIPTION
+    state = subscription_state(database)
+    assert state is not None and state.last_event_number == 1
+
+
+def test_backport_id_only_notification(
+    client: TestClient, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    notification = backport(
+        "event-notification",
+        2,
+        [
+            (1, "https://ehr.example.org/fhir/DocumentReference/doc-9/_history/3"),
+            (2, "Condition/cond-7"),
+        ],
+    )
+    outcome(post(client, "/fhir/notify", notification), 202)
+    rows = events(database)
+    assert [(r.resource_type, r.resource_id, r.body, r.event_number) for r in rows] == [
+        ("DocumentReference", "doc-9", None, 1),
+        ("Condition", "cond-7", None, 2),
+    ]
+    assert dispatcher.published == [r.id for r in rows]
+    (received,) = audit_events(database, "fhir.received")
+    assert received.detail["id_only"] == 2
+
+
+@pytest.mark.parametrize(
+    ("bundle_type", "number", "version"),
+    [("history", "1", "R4B"), ("subscription-notification", 1, "R5")],
+)
+def test_r4b_and_r5_notifications(
+    client: TestClient,
+    database: Database,
+    dispatcher: RecordingDispatcher,
+    bundle_type: str,
+    number: int | str,
+    version: str,
+) -> None:
+    observation = RESOURCES["Observation"]  # valid in R4B and R5
+    notification = subscription_status_bundle(bundle_type, number, number, observation)
+    body = outcome(post(client, "/fhir/notify", notification), 202)
+    (row,) = events(database)
+    assert event_ids(body) == [row.id] == dispatcher.published
+    assert row.fhir_version == version and row.event_number == 1
+    assert row.body == observation and row.subscription == SUBSCRIPTION
+
+
+def test_notification_posted_to_the_base_url(client: TestClient, database: Database) -> None:
+    notification = backport("event-notification", 1, [(1, "Observation/obs-1")])
+    outcome(post(client, "/fhir", notification), 202)
+    (row,) = events(database)
+    assert row.source == "subscription" and row.body is None
+
+
+def test_repeated_notification_is_a_no_op(
+    client: TestClient, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    notification = backport("event-notification", 1, [(1, "Observation/obs-1")])
+    outcome(post(client, "/fhir/notify", notification), 202)
+    again = outcome(post(client, "/fhir/notify", notification), 200)
+    assert again["issue"][0]["severity"] == "information"
+    assert len(events(database)) == 1 and len(dispatcher.published) == 1
+    assert audit_events(database, "fhir.notification_gap") == []
+
+
+def test_gap_in_event_numbers_is_audited_and_the_event_recorded(
+    client: TestClient, database: Database
+) -> None:
+    outcome(
+        post(client, "/fhir/notify", backport("event-notification", 1, [(1, "Observation/a")])), 202
+    )
+    outcome(
+        post(client, "/fhir/notify", backport("event-notification", 4, [(4, "Observation/b")])), 202
+    )
+    assert [r.event_number for r in events(database)] == [1, 4]
+    (gap,) = audit_events(database, "fhir.notification_gap")
+    assert gap.detail == {"subscription": SUBSCRIPTION, "missing_from": 2, "missing_to": 3}
+    # A late event from the gap is a repeat by number: the catch-up query (a later stage)
+    # is what fetches it.
+    outcome(
+        post(client, "/fhir/notify", backport("event-notification", 4, [(3, "Observation/c")])), 200
+    )
+    assert len(events(database)) == 2
+
+
+def test_events_listed_out_of_order_are_all_recorded(
+    client: TestClient, database: Database
+) -> None:
+    notification = backport("event-notification", 2, [(2, "Observation/b"), (1, "Observation/a")])
+    outcome(post(client, "/fhir/notify", notification), 202)
+    assert sorted(r.event_number or 0 for r in events(database)) == [1, 2]
+    assert audit_events(database, "fhir.notification_gap") == []
+
+
+# Broker and database outages -----------------------------------------------------------
+
+
+def test_broker_down_still_202_and_the_sweeper_resends(
+    client: TestClient, database: Database, dispatcher: RecordingDispatcher, tmp_path: Path
+) -> None:
+    dispatcher.up = False
+    body = outcome(post(client, "/fhir/Observation", RESOURCES["Observation"]), 202)
+    (row,) = events(database)
+    assert event_ids(body) == [row.id]
+    assert row.status is FhirEventStatus.RECEIVED and row.queued_at is None
+    assert dispatcher.published == []
+
+    settings = settings_for(database, tmp_path, requeue_after_seconds=30)
+    sweeper = Sweeper(settings, database, dispatcher, RoutingRules.load(None))  # type: ignore[arg-type]
+    sweeper.sweep_once(utcnow() + timedelta(seconds=5))  # not stale yet
+    later = utcnow() + timedelta(seconds=60)
+    report = sweeper.sweep_once(later)  # stale, broker still down: tried once
+    assert report.fhir_events_published == [row.id]
+    (row,) = events(database)
+    assert row.status is FhirEventStatus.RECEIVED and row.queued_at == later
+    dispatcher.up = True
+    assert sweeper.sweep_once(later + timedelta(seconds=5)).fhir_events_published == []
+    sweeper.sweep_once(later + timedelta(seconds=31))
+    (row,) = events(database)
+    assert dispatcher.published == [row.id]
+    assert row.status is FhirEventStatus.QUEUED and row.task_id
+    sweeper.sweep_once(later + timedelta(seconds=120))
+    assert dispatcher.published == [row.id]  # queued events are not re-sent
+
+
+def test_database_down_is_503_and_not_ready(tmp_path: Path) -> None:
+    database = Database(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none")
+    dispatcher = RecordingDispatcher()
+    app = create_app(settings_for(database, tmp_path), database, dispatcher)  # type: ignore[arg-type]
+    with TestClient(app) as client:
+        outcome(post(client, "/fhir/Observation", RESOURCES["Observation"]), 503)
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+    assert dispatcher.published == []
+    database.dispose()
+
+
+# Health and metrics --------------------------------------------------------------------
+
+
+def test_health_readiness_and_metrics(make_client: Any) -> None:
+    client = make_client(webhook_token=TOKEN)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    outcome(post(client, "/fhir/Observation", RESOURCES["Observation"], **auth), 202)
+    outcome(post(client, "/fhir/Observation", RESOURCES["Observation"]), 401)
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'carebridge_fhir_requests_total{route="/fhir/{resource_type}",status="202"} 1.0' in text
+    assert 'carebridge_fhir_requests_total{route="/fhir/{resource_type}",status="401"} 1.0' in text
+    assert (
+        'carebridge_fhir_events_recorded_total{resource_type="Observation",source="direct"} 1.0'
+        in text
+    )
+    assert 'carebridge_fhir_auth_failures_total{reason="missing_token"} 1.0' in text
+
+
+def test_webhook_module_never_imports_torch() -> None:
+    code = (
+        "import sys, listeners.fhir, listeners.fhir_payloads;"
+        "listeners.fhir_payloads.validate({'resourceType': 'Patient'}, 'R4B');"
+        "sys.exit(1 if 'torch' in sys.modules or 'monai' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# The real command ----------------------------------------------------------------------
+
+
+def test_listen_fhir_command_takes_an_observation(tmp_path: Path) -> None:
+    """`carebridge listen-fhir` on a free port: an Observation POSTed with requests is a
+    committed row, handed to the embedded broker; SIGTERM stops it cleanly."""
+    port = free_port()
+    url = f"sqlite:///{tmp_path / 'var' / 'carebridge.db'}"
+    upgrade(url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAREBRIDGE_")}
+    env.update(
+        CAREBRIDGE_DATABASE_URL=url,
+        CAREBRIDGE_ARCHIVE_DIR=str(tmp_path / "var" / "archive"),
+        CAREBRIDGE_FHIR_PORT=str(port),
+        CAREBRIDGE_WEBHOOK_TOKEN=TOKEN,
+        PYTHONUNBUFFERED="1",
+    )
+    log_path = tmp_path / "listen-fhir.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "listeners.cli", "listen-fhir"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60, proc=proc)
+        response = requests.post(
+            f"http://127.0.0.1:{port}/fhir/Observation",
+            data=json.dumps(RESOURCES["Observation"]),
+            headers={"Content-Type": FHIR_JSON, "Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        )
+        assert response.status_code == 202, response.text
+        (event_id,) = event_ids(response.json())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+    output = log_path.read_text()
+    assert rc == 0, output
+    assert "carebridge listen-fhir: ready" in output
+    database = Database(url)
+    try:
+        (row,) = events(database)
+    finally:
+        database.dispose()
+    assert row.id == event_id and row.body == RESOURCES["Observation"]
+    assert row.status is FhirEventStatus.QUEUED and row.task_id  # the embedded broker took it
