@@ -125,6 +125,13 @@ class Carebridge:
     def upgrade(self) -> None:
         self.cli("db", "upgrade")
 
+    def start(self, *, worker: bool = True) -> None:
+        """Migrate, then start the listener (with its sweeper) and, by default, a worker."""
+        self.upgrade()
+        self.start_listener()
+        if worker:
+            self.start_worker()
+
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         self._log_count += 1
         path = self.logs_dir / f"{name}-{self._log_count}.log"

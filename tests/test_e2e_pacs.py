@@ -89,9 +89,7 @@ def test_orthanc_round_trip(tmp_path: Path, models_dir: Path, backend: dict[str,
                 **backend,
             )
         )
-        carebridge.upgrade()
-        carebridge.start_listener()
-        carebridge.start_worker()
+        carebridge.start()
         pacs.add_modality("carebridge", "CAREBRIDGE", "127.0.0.1", carebridge.dicom_port)
 
         study_uid = write_study(tmp_path / "study")
@@ -163,9 +161,7 @@ def test_worker_killed_mid_task_gives_one_result(tmp_path: Path, models_dir: Pat
                 job_lease_seconds=4,
             )
         )
-        carebridge.upgrade()
-        carebridge.start_listener()
-        carebridge.start_worker()
+        carebridge.start()
         study_uid = write_study(tmp_path / "study", images=1)
         send_from_modality(carebridge, tmp_path / "study")
 
@@ -210,9 +206,7 @@ def test_pacs_down_then_back_sr_arrives_once(tmp_path: Path, models_dir: Path) -
                 delivery_backoff_seconds=0.5,
             )
         )
-        carebridge.upgrade()
-        carebridge.start_listener()
-        carebridge.start_worker()
+        carebridge.start()
         study_uid = write_study(tmp_path / "study", images=1)
         assert (
             carebridge.cli(
@@ -255,9 +249,7 @@ def test_later_instances_start_a_run_that_supersedes(tmp_path: Path, models_dir:
                 tmp_path / "cb", models_dir, pacs_destinations=f"STORESCP@127.0.0.1:{pacs.port}"
             )
         )
-        carebridge.upgrade()
-        carebridge.start_listener()
-        carebridge.start_worker()
+        carebridge.start()
         study_uid = write_study(tmp_path / "first", images=1)
         send_from_modality(carebridge, tmp_path / "first")
         (first,) = pacs.wait_for_files(1, timeout=120)
@@ -300,8 +292,7 @@ def test_broker_loses_messages_sweeper_requeues(tmp_path: Path, models_dir: Path
                 requeue_after_seconds=3,
             )
         )
-        carebridge.upgrade()
-        carebridge.start_listener()  # no worker yet: the job waits in Redis
+        carebridge.start(worker=False)  # no worker yet: the job waits in Redis
         study_uid = write_study(tmp_path / "study", images=1)
         send_from_modality(carebridge, tmp_path / "study")
         wait_until(
@@ -326,9 +317,7 @@ def test_permanent_refusal_is_dead_lettered(tmp_path: Path, models_dir: Path) ->
                 tmp_path / "cb", models_dir, pacs_destinations=f"STORESCP@127.0.0.1:{pacs.port}"
             )
         )
-        carebridge.upgrade()
-        carebridge.start_listener()
-        carebridge.start_worker()
+        carebridge.start()
         study_uid = write_study(tmp_path / "study", images=1)
         send_from_modality(carebridge, tmp_path / "study")
         wait_until(
