@@ -42,7 +42,7 @@ CONTRACT_VARIABLES = {
 PROJECT_VARIABLES = {"WORKER_CONCURRENCY", "JOB_LEASE_SECONDS"}
 KNOWN_VARIABLES = {f"CAREBRIDGE_{name}" for name in CONTRACT_VARIABLES | PROJECT_VARIABLES}
 
-CAREBRIDGE_SERVICES = {"migrate", "models", "listener", "worker-cpu", "worker-gpu"}
+CAREBRIDGE_SERVICES = {"migrate", "models", "listener", "fhir", "worker-cpu", "worker-gpu"}
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,16 @@ def test_listener_wiring(services: dict[str, dict[str, Any]]) -> None:
     orthanc_aet = env(services["orthanc"])["ORTHANC__DICOM_AET"]
     allowed = [ae.strip() for ae in variables["CAREBRIDGE_DICOM_ALLOWED_AES"].split(",")]
     assert orthanc_aet in allowed
+
+
+def test_fhir_webhook_is_public_only_with_a_token(services: dict[str, dict[str, Any]]) -> None:
+    fhir = services["fhir"]
+    assert command(fhir) == ["carebridge", "listen-fhir"]
+    variables = env(fhir)
+    assert variables["CAREBRIDGE_FHIR_HOST"] == "0.0.0.0"
+    # Required from .env: compose refuses to start without it (":?").
+    assert variables["CAREBRIDGE_WEBHOOK_TOKEN"].startswith("${CAREBRIDGE_WEBHOOK_TOKEN:?")
+    assert fhir["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
 def test_workers(services: dict[str, dict[str, Any]]) -> None:
