@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import DateTime, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -65,14 +65,25 @@ class InstanceRecorder:
             set_={"series_instance_uid": series.excluded.series_instance_uid},
         ).returning(Series.id)
         self._instance = insert(Instance.__table__).on_conflict_do_nothing().returning(Instance.id)
+        self._touch_study = (
+            update(Study)
+            .where(Study.id == bindparam("study_id"))
+            .values(
+                state=StudyState.RECEIVING,
+                last_received_at=self._greatest(
+                    Study.last_received_at, bindparam("now", type_=DateTime())
+                ),
+                instance_count=Study.instance_count + 1,
+            )
+        )
         self._cache: dict[str, int] = {}
         self._cache_size = cache_size
 
-    def _id(self, session: Session, statement: Any, uid: str, values: dict[str, Any]) -> int:
+    def _id(self, connection: Any, statement: Any, uid: str, values: dict[str, Any]) -> int:
         cached = self._cache.get(uid)
         if cached is not None:
             return cached
-        ident = int(session.execute(statement, values).scalar_one())
+        ident = int(connection.execute(statement, values).scalar_one())
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
         self._cache[uid] = ident
@@ -90,8 +101,10 @@ class InstanceRecorder:
         back to receiving, so the next quiet period starts a new run.
         """
         now = utcnow()
+        # Core statements on the session's connection: no ORM bookkeeping per C-STORE.
+        connection = session.connection()
         study_id = self._id(
-            session,
+            connection,
             self._study,
             received.study_instance_uid,
             {
@@ -104,7 +117,7 @@ class InstanceRecorder:
             },
         )
         series_id = self._id(
-            session,
+            connection,
             self._series,
             received.series_instance_uid,
             {
@@ -114,7 +127,7 @@ class InstanceRecorder:
                 "created_at": now,
             },
         )
-        inserted = session.execute(
+        inserted = connection.execute(
             self._instance,
             {
                 "study_id": study_id,
@@ -131,15 +144,7 @@ class InstanceRecorder:
         ).first()
         if inserted is None:
             return False
-        session.execute(
-            update(Study)
-            .where(Study.id == study_id)
-            .values(
-                state=StudyState.RECEIVING,
-                last_received_at=self._greatest(Study.last_received_at, now),
-                instance_count=Study.instance_count + 1,
-            )
-        )
+        connection.execute(self._touch_study, {"study_id": study_id, "now": now})
         return True
 
 
