@@ -146,8 +146,3 @@ class InstanceRecorder:
             return False
         connection.execute(self._touch_study, {"study_id": study_id, "now": now})
         return True
-
-
-def record_instance(session: Session, received: ReceivedInstance) -> bool:
-    """Record one instance without a long-lived recorder (tests, tools)."""
-    return InstanceRecorder(session.get_bind().dialect.name).record(session, received)

@@ -126,33 +126,23 @@ def write_new_file(final: Path, payload: bytes) -> bool:
     return True
 
 
-def write_durably(final: Path, payload: bytes, *, replace: bool = False) -> bool:
-    """Write ``payload`` to ``final`` via a synced temporary file and an atomic link.
-
-    An existing ``final`` is left untouched (returns False) unless ``replace`` is set.
-    """
+def replace_durably(final: Path, payload: bytes) -> None:
+    """Replace ``final`` atomically with ``payload``: synced temporary file, rename, sync."""
     ensure_directory(final.parent)
     tmp = final.parent / f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         view = memoryview(payload)
         while view:
-            written = os.write(fd, view)
-            view = view[written:]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
     try:
-        try:
-            os.link(tmp, final)  # atomic, and never replaces an existing file
-        except FileExistsError:
-            if not replace:
-                return False
-            os.replace(tmp, final)
+        os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(final.parent)
-    return True
 
 
 def check_complete(encoded: bytes, *, implicit_vr: bool, little_endian: bool) -> None:
@@ -352,7 +342,7 @@ class StorageSCP:
                 self._count(event, "duplicate", study_uid)
                 return STATUS_SUCCESS
             try:
-                write_durably(final, payload, replace=True)
+                replace_durably(final, payload)
             except OSError as exc:
                 self._count(event, "disk_unavailable")
                 log.error(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import AE, debug_logger  # noqa: F401  (kept out: pynetdicom logs datasets)
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
@@ -225,7 +225,6 @@ def test_commit_failure_leaves_no_file(scp: Running, monkeypatch: pytest.MonkeyP
     """The file is written before the row; when the commit fails the file goes too."""
     from sqlalchemy.exc import OperationalError
 
-
     def fail(*_args: object, **_kwargs: object) -> bool:
         raise OperationalError("INSERT", {}, Exception("database is locked"))
 
@@ -271,5 +270,16 @@ def test_new_study_uid_per_dataset_creates_studies(scp: Running) -> None:
     assert study_row.study_instance_uid == study
 
 
-def test_garbage_status_constant() -> None:
-    assert 0xC000 <= STATUS_CANNOT_UNDERSTAND <= 0xCFFF
+def test_leftover_file_without_row_is_replaced(scp: Running) -> None:
+    """A crash between the file write and the commit leaves a file and no row; the resend
+    replaces it and is recorded."""
+    ds = make_cr_dataset()
+    leftover = scp.settings.archive_dir / instance_relpath(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    )
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"partial")
+    assert scp.store(ds) == [0]
+    assert scp.count(Instance) == 1
+    assert pydicom.dcmread(leftover).SOPInstanceUID == ds.SOPInstanceUID
+    assert [p.name for p in leftover.parent.iterdir()] == [leftover.name]
