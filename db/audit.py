@@ -29,8 +29,9 @@ def _canonical(
     actor: str,
     study_instance_uid: str | None,
     detail: dict[str, Any],
+    subject: str | None = None,
 ) -> bytes:
-    body = {
+    body: dict[str, Any] = {
         "seq": seq,
         "occurred_at": occurred_at.replace(tzinfo=None).isoformat(timespec="microseconds"),
         "event_type": event_type,
@@ -38,6 +39,8 @@ def _canonical(
         "study_instance_uid": study_instance_uid,
         "detail": detail,
     }
+    if subject is not None:  # absent from older rows' hashes, so they still verify
+        body["subject"] = subject
     return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
@@ -52,6 +55,7 @@ def event_hash(prev_hash: str, event: AuditEvent) -> str:
             event.actor,
             event.study_instance_uid,
             event.detail,
+            event.subject,
         )
     )
     return digest.hexdigest()
@@ -63,6 +67,7 @@ def append(
     *,
     actor: str,
     study_instance_uid: str | None = None,
+    subject: str | None = None,
     **detail: Any,
 ) -> AuditEvent:
     """Append one event in the caller's transaction (committed with the change it audits).
@@ -81,6 +86,7 @@ def append(
         event_type=event_type,
         actor=actor,
         study_instance_uid=study_instance_uid,
+        subject=subject,
         detail=detail,
         prev_hash=head.hash,
         row_hash="",

@@ -131,19 +131,70 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+class Patient(Base):
+    """A patient of the EHR side, as events name it; clinical work waits for a quiet period.
+
+    ``reference`` is the EHR's literal reference (``Patient/123``). Like a study, a patient
+    is routed once no event about them has arrived for the quiet period, so a Bundle of
+    vitals and labs yields one risk assessment, not one per Observation.
+    """
+
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    reference: Mapped[str] = mapped_column(String(300), unique=True)
+    state: Mapped[StudyState] = mapped_column(_enum(StudyState), default=StudyState.RECEIVING)
+    run_number: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    routed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (Index("ix_patients_state_last", "state", "last_received_at"),)
+
+
+class ClinicalResource(Base):
+    """The newest version of one clinical resource (Observation, Condition, note...).
+
+    The patient context (the inputs of the clinical pipelines) is read from here; the
+    FhirEvent that brought each version stays the record of what arrived.
+    """
+
+    __tablename__ = "clinical_resources"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id"), index=True)
+    resource_type: Mapped[str] = mapped_column(String(64))
+    # The sender's id; ``cb-<event id>`` for a resource that came without one.
+    resource_id: Mapped[str] = mapped_column(String(64))
+    content_sha256: Mapped[str] = mapped_column(String(64))  # canonical JSON of ``body``
+    code_system: Mapped[str | None] = mapped_column(String(200))  # first coding of .code
+    code: Mapped[str | None] = mapped_column(String(64))
+    effective_at: Mapped[datetime | None] = mapped_column(DateTime)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    fhir_event_id: Mapped[int] = mapped_column(ForeignKey("fhir_events.id"))
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("resource_type", "resource_id"),
+        Index("ix_clinical_resources_patient_type", "patient_id", "resource_type"),
+    )
+
+
 class Job(Base):
     """One pipeline run on one study's inputs; the database, not the broker, is its truth."""
 
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    # Exactly one of study (imaging) and patient (clinical) is set.
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    patient_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id"), index=True)
     run_number: Mapped[int] = mapped_column(Integer)
     pipeline: Mapped[str] = mapped_column(String(64))
     queue: Mapped[str] = mapped_column(String(16))
     model: Mapped[str] = mapped_column(String(128))
     input_hash: Mapped[str] = mapped_column(String(64))
-    inputs: Mapped[list[Any]] = mapped_column(JSON)  # instance ids
+    inputs: Mapped[list[Any]] = mapped_column(JSON)  # instance or clinical resource ids
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
@@ -158,6 +209,7 @@ class Job(Base):
 
     __table_args__ = (
         UniqueConstraint("study_id", "pipeline", "input_hash"),
+        UniqueConstraint("patient_id", "pipeline", "input_hash"),
         Index("ix_jobs_status_queued", "status", "queued_at"),
     )
 
@@ -173,7 +225,8 @@ class Result(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    patient_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id"), index=True)
     pipeline: Mapped[str] = mapped_column(String(64))
     input_hash: Mapped[str] = mapped_column(String(64))
     model_name: Mapped[str] = mapped_column(String(128))
@@ -188,7 +241,10 @@ class Result(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
-    __table_args__ = (UniqueConstraint("study_id", "pipeline", "model_version", "input_hash"),)
+    __table_args__ = (
+        UniqueConstraint("study_id", "pipeline", "model_version", "input_hash"),
+        UniqueConstraint("patient_id", "pipeline", "model_version", "input_hash"),
+    )
 
 
 class OutputObject(Base):
@@ -225,6 +281,9 @@ class Delivery(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     last_status: Mapped[str | None] = mapped_column(String(32))
+    # What the peer answered: for the EHR, the created resources' locations or the
+    # OperationOutcome of a refusal.
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime)
 
@@ -289,6 +348,7 @@ class AuditEvent(Base):
     event_type: Mapped[str] = mapped_column(String(64), index=True)
     actor: Mapped[str] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    subject: Mapped[str | None] = mapped_column(String(300), index=True)  # Patient/123
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64))

@@ -65,7 +65,26 @@ def test_half_configured_tls_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 def test_half_configured_smart_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAREBRIDGE_EHR_CLIENT_ID", "carebridge")
-    with pytest.raises(SettingsError, match="CAREBRIDGE_EHR_TOKEN_URL"):
+    with pytest.raises(SettingsError, match="CAREBRIDGE_EHR_PRIVATE_KEY"):
+        load_settings()
+
+
+def test_ehr_credentials_without_base_url_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAREBRIDGE_EHR_BEARER_TOKEN", "secret")
+    with pytest.raises(SettingsError, match="CAREBRIDGE_EHR_BASE_URL"):
+        load_settings()
+
+
+def test_two_ways_to_authenticate_to_the_ehr_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("not checked here")
+    monkeypatch.setenv("CAREBRIDGE_EHR_BASE_URL", "https://ehr.example/fhir")
+    monkeypatch.setenv("CAREBRIDGE_EHR_CLIENT_ID", "carebridge")
+    monkeypatch.setenv("CAREBRIDGE_EHR_PRIVATE_KEY", str(key))
+    monkeypatch.setenv("CAREBRIDGE_EHR_BEARER_TOKEN", "secret")
+    with pytest.raises(SettingsError, match="choose one"):
         load_settings()
 
 

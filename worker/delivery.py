@@ -7,15 +7,18 @@ after ``max_attempts`` or when the peer refuses it permanently. Every attempt is
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 
 from db import audit
-from db.schema import Delivery, DeliveryStatus, OutputObject, Result, Study, utcnow
+from db.schema import Delivery, DeliveryStatus, OutputObject, Patient, Result, Study, utcnow
+from worker.results import FHIR_BUNDLE
 from worker.runtime import Runtime
 from worker.senders.dicom import DeliveryError, parse_destinations, send_files
 
@@ -37,8 +40,10 @@ class _Claimed:
     path: str
     attempt: int
     max_attempts: int
-    study_instance_uid: str
+    study_instance_uid: str | None
+    subject: str | None
     sop_instance_uid: str | None
+    kind: str
 
 
 def _claim(runtime: Runtime, delivery_id: int) -> _Claimed | None:
@@ -59,11 +64,12 @@ def _claim(runtime: Runtime, delivery_id: int) -> _Claimed | None:
         )
         if taken.rowcount != 1:
             return None
-        delivery, output, study_uid = session.execute(
-            select(Delivery, OutputObject, Study.study_instance_uid)
+        delivery, output, study_uid, subject = session.execute(
+            select(Delivery, OutputObject, Study.study_instance_uid, Patient.reference)
             .join(OutputObject, OutputObject.id == Delivery.output_id)
             .join(Result, Result.id == OutputObject.result_id)
-            .join(Study, Study.id == Result.study_id)
+            .outerjoin(Study, Study.id == Result.study_id)
+            .outerjoin(Patient, Patient.id == Result.patient_id)
             .where(Delivery.id == delivery_id)
         ).one()
         return _Claimed(
@@ -73,8 +79,29 @@ def _claim(runtime: Runtime, delivery_id: int) -> _Claimed | None:
             attempt=delivery.attempts,
             max_attempts=delivery.max_attempts,
             study_instance_uid=study_uid,
+            subject=subject,
             sop_instance_uid=output.sop_instance_uid,
+            kind=output.kind,
         )
+
+
+def _send_fhir(runtime: Runtime, base_url: str, path: Path) -> tuple[str, dict[str, Any]]:
+    """POST a transaction Bundle; the HTTP status and the created resources' locations."""
+    from worker.ehr import ehr_client
+
+    client = ehr_client(runtime.settings)
+    if client is None or runtime.settings.ehr_base_url != base_url:
+        raise DeliveryError(
+            f"the EHR {base_url} is no longer configured (CAREBRIDGE_EHR_BASE_URL)",
+            transient=False,
+        )
+    bundle = json.loads(path.read_text(encoding="utf-8"))
+    result = client.post_transaction(bundle)
+    return "200", {
+        "entries": [
+            {"status": entry.status, "location": entry.location} for entry in result.entries
+        ]
+    }
 
 
 def execute_delivery(runtime: Runtime, delivery_id: int) -> None:
@@ -85,16 +112,19 @@ def execute_delivery(runtime: Runtime, delivery_id: int) -> None:
         return
     settings = runtime.settings
     error: DeliveryError | None = None
-    statuses: list[int] = []
+    sent_status = ""
+    response: dict[str, Any] | None = None
+    path = settings.archive_dir.resolve() / claimed.path
     try:
-        (destination,) = parse_destinations(claimed.destination)
-        statuses = send_files(
-            destination,
-            [settings.archive_dir.resolve() / claimed.path],
-            calling_ae=settings.dicom_ae_title,
-        )
+        if claimed.kind == FHIR_BUNDLE:
+            sent_status, response = _send_fhir(runtime, claimed.destination, path)
+        else:
+            (destination,) = parse_destinations(claimed.destination)
+            statuses = send_files(destination, [path], calling_ae=settings.dicom_ae_title)
+            sent_status = ",".join(f"0x{status:04X}" for status in statuses)
     except DeliveryError as exc:
         error = exc
+        response = getattr(exc, "operation_outcome", None)
     except (OSError, ValueError) as exc:
         error = DeliveryError(f"{type(exc).__name__}: {exc}", transient=False)
 
@@ -103,10 +133,11 @@ def execute_delivery(runtime: Runtime, delivery_id: int) -> None:
         delivery = session.get(Delivery, claimed.id)
         assert delivery is not None
         delivery.lease_expires_at = None
+        delivery.response = response
         if error is None:
             delivery.status = DeliveryStatus.SENT
             delivery.sent_at = now
-            delivery.last_status = ",".join(f"0x{status:04X}" for status in statuses)
+            delivery.last_status = sent_status[:32]
             delivery.last_error = None
             event = "delivery.sent"
         else:
@@ -114,9 +145,11 @@ def execute_delivery(runtime: Runtime, delivery_id: int) -> None:
             delivery.last_status = "transient" if error.transient else "permanent"
             if error.transient and claimed.attempt < claimed.max_attempts:
                 delivery.status = DeliveryStatus.PENDING
-                delivery.next_attempt_at = now + timedelta(
-                    seconds=backoff_seconds(settings.delivery_backoff_seconds, claimed.attempt)
-                )
+                delay = backoff_seconds(settings.delivery_backoff_seconds, claimed.attempt)
+                retry_after = getattr(error, "retry_after", None)
+                if isinstance(retry_after, int | float) and retry_after > delay:
+                    delay = min(MAX_BACKOFF_SECONDS, float(retry_after))  # 429 Retry-After
+                delivery.next_attempt_at = now + timedelta(seconds=delay)
                 event = "delivery.retry"
             else:
                 delivery.status = DeliveryStatus.DEAD
@@ -126,7 +159,9 @@ def execute_delivery(runtime: Runtime, delivery_id: int) -> None:
             event,
             actor=runtime.owner,
             study_instance_uid=claimed.study_instance_uid,
+            subject=claimed.subject,
             delivery=claimed.id,
+            kind=claimed.kind,
             destination=claimed.destination,
             sop_instance_uid=claimed.sop_instance_uid,
             attempt=claimed.attempt,

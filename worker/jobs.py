@@ -15,9 +15,10 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from db import audit
-from db.schema import Job, JobStatus, Study, utcnow
+from db.schema import Job, JobStatus, Patient, Study, utcnow
 from worker.runtime import Runtime
 
 log = logging.getLogger("carebridge.jobs")
@@ -32,8 +33,10 @@ class ClaimedJob:
     """A snapshot of a claimed job, usable outside the claiming transaction."""
 
     id: int
-    study_id: int
-    study_instance_uid: str
+    study_id: int | None  # imaging jobs
+    study_instance_uid: str | None
+    patient_id: int | None  # clinical jobs
+    subject: str | None  # the patient's reference, e.g. Patient/123
     run_number: int
     pipeline: str
     model: str
@@ -42,6 +45,20 @@ class ClaimedJob:
     attempt: int
     max_attempts: int
     queue: str
+
+
+def job_scope(session: Session, job: Job) -> tuple[str | None, str | None]:
+    """(StudyInstanceUID, patient reference) of a job: one of them is None."""
+    study_uid = subject = None
+    if job.study_id is not None:
+        study_uid = session.execute(
+            select(Study.study_instance_uid).where(Study.id == job.study_id)
+        ).scalar_one()
+    if job.patient_id is not None:
+        subject = session.execute(
+            select(Patient.reference).where(Patient.id == job.patient_id)
+        ).scalar_one()
+    return study_uid, subject
 
 
 def claim_job(runtime: Runtime, job_id: int) -> ClaimedJob | None:
@@ -65,14 +82,13 @@ def claim_job(runtime: Runtime, job_id: int) -> ClaimedJob | None:
             return None
         job = session.get(Job, job_id)
         assert job is not None
-        study_uid = session.execute(
-            select(Study.study_instance_uid).where(Study.id == job.study_id)
-        ).scalar_one()
+        study_uid, subject = job_scope(session, job)
         audit.append(
             session,
             "job.started",
             actor=runtime.owner,
             study_instance_uid=study_uid,
+            subject=subject,
             job=job.id,
             pipeline=job.pipeline,
             attempt=job.attempts,
@@ -82,6 +98,8 @@ def claim_job(runtime: Runtime, job_id: int) -> ClaimedJob | None:
             id=job.id,
             study_id=job.study_id,
             study_instance_uid=study_uid,
+            patient_id=job.patient_id,
+            subject=subject,
             run_number=job.run_number,
             pipeline=job.pipeline,
             model=job.model,
@@ -115,6 +133,7 @@ def _finish_failed(runtime: Runtime, job: ClaimedJob, error: str, *, retry: bool
             "job.retry" if requeue else "job.failed",
             actor=runtime.owner,
             study_instance_uid=job.study_instance_uid,
+            subject=job.subject,
             job=job.id,
             attempt=job.attempt,
             max_attempts=job.max_attempts,

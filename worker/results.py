@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from db import audit
@@ -30,6 +30,7 @@ from db.schema import (
 from models.provenance import CodedLabel, ModelProvenance
 from worker.jobs import ClaimedJob
 from worker.runtime import Runtime
+from worker.settings import Settings
 
 
 def sha256_file(path: Path) -> str:
@@ -49,6 +50,13 @@ def load_inputs(session: Session, job: ClaimedJob) -> list[Instance]:
     )
 
 
+def _same_scope(job: ClaimedJob) -> ColumnElement[bool]:
+    """Results of the job's study (imaging) or patient (clinical)."""
+    if job.study_id is not None:
+        return Result.study_id == job.study_id
+    return Result.patient_id == job.patient_id
+
+
 def get_or_create_result(
     session: Session,
     job: ClaimedJob,
@@ -57,10 +65,10 @@ def get_or_create_result(
     probability: float | None,
     details: dict[str, Any],
 ) -> tuple[Result, bool]:
-    """The result for (study, pipeline, model version, input hash); True when new."""
+    """The result for (study or patient, pipeline, model version, input hash); True when new."""
     existing = session.execute(
         select(Result).where(
-            Result.study_id == job.study_id,
+            _same_scope(job),
             Result.pipeline == job.pipeline,
             Result.model_version == provenance.version,
             Result.input_hash == job.input_hash,
@@ -71,6 +79,7 @@ def get_or_create_result(
     result = Result(
         job_id=job.id,
         study_id=job.study_id,
+        patient_id=job.patient_id,
         pipeline=job.pipeline,
         input_hash=job.input_hash,
         model_name=provenance.name,
@@ -127,7 +136,7 @@ def previous_output(
         select(OutputObject)
         .join(Result, Result.id == OutputObject.result_id)
         .where(
-            Result.study_id == job.study_id,
+            _same_scope(job),
             Result.pipeline == job.pipeline,
             Result.id != exclude_result_id,
             OutputObject.kind == kind,
@@ -136,6 +145,16 @@ def previous_output(
         .order_by(Result.id.desc())
         .limit(1)
     ).scalar_one_or_none()
+
+
+FHIR_BUNDLE = "fhir-bundle"  # output kind of a transaction Bundle for the EHR
+
+
+def destinations_for(settings: Settings, kind: str) -> list[str]:
+    """Where an output of ``kind`` goes: DICOM objects to the PACS, FHIR to the EHR."""
+    if kind == FHIR_BUNDLE:
+        return [settings.ehr_base_url] if settings.ehr_base_url else []
+    return [str(destination) for destination in settings.destinations]
 
 
 @dataclass(frozen=True)
@@ -153,7 +172,6 @@ def complete_job(
     timings: dict[str, float],
 ) -> list[int]:
     """Commit the outputs, their deliveries and the job's success; return deliveries to send."""
-    destinations = [str(destination) for destination in runtime.settings.destinations]
     now = utcnow()
     with runtime.database.session() as session:
         delivery_ids: list[int] = []
@@ -162,7 +180,7 @@ def complete_job(
             assert output is not None
             output.path = written.path
             output.sha256 = written.sha256
-            for destination in destinations:
+            for destination in destinations_for(runtime.settings, output.kind):
                 delivery = session.execute(
                     select(Delivery).where(
                         Delivery.output_id == output.id, Delivery.destination == destination
@@ -198,6 +216,7 @@ def complete_job(
             "job.succeeded",
             actor=runtime.owner,
             study_instance_uid=job.study_instance_uid,
+            subject=job.subject,
             job=job.id,
             attempt=job.attempt,
             result=result.id,

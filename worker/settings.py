@@ -108,6 +108,20 @@ class Settings(BaseSettings):
     ehr_client_id: str | None = Field(None, description="SMART Backend Services client id.")
     ehr_token_url: str | None = Field(None, description="SMART token endpoint.")
     ehr_private_key: Path | None = Field(None, description="SMART private key (PEM, RS384).")
+    ehr_key_id: str | None = Field(None, description="SMART: the key id (JWT kid) of that key.")
+    ehr_scope: str = Field(
+        "system/*.read system/*.write", description="SMART: the scopes requested."
+    )
+    ehr_bearer_token: SecretStr | None = Field(
+        None, description="A static bearer token for the EHR, instead of SMART."
+    )
+    patient_id_system: str = Field(
+        "urn:carebridge:dicom-patient-id",
+        description="Identifier system of DICOM PatientID in FHIR (an imaging result's subject).",
+    )
+    patient_stable_seconds: float = Field(
+        2.0, ge=0, description="Quiet period after a patient's last event before clinical work."
+    )
 
     # Work execution (carebridge additions to PRODUCT.md's table)
     worker_concurrency: int = Field(1, ge=1, le=64, description="Worker processes per worker.")
@@ -170,14 +184,22 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"CAREBRIDGE_{name.upper()}={path} is not a readable file")
+        # The token endpoint is optional: it is discovered from the EHR's
+        # .well-known/smart-configuration when not set.
         smart = {
             "CAREBRIDGE_EHR_CLIENT_ID": self.ehr_client_id,
-            "CAREBRIDGE_EHR_TOKEN_URL": self.ehr_token_url,
             "CAREBRIDGE_EHR_PRIVATE_KEY": self.ehr_private_key,
         }
-        if any(smart.values()) and not all(smart.values()):
+        if (any(smart.values()) or self.ehr_token_url) and not all(smart.values()):
             missing = ", ".join(name for name, value in smart.items() if not value)
             raise ValueError(f"SMART Backend Services is half-configured: also set {missing}")
+        if all(smart.values()) and self.ehr_bearer_token is not None:
+            raise ValueError(
+                "both SMART Backend Services and CAREBRIDGE_EHR_BEARER_TOKEN are set: "
+                "choose one way to authenticate to the EHR"
+            )
+        if (all(smart.values()) or self.ehr_bearer_token) and not self.ehr_base_url:
+            raise ValueError("EHR credentials are set but CAREBRIDGE_EHR_BASE_URL is not")
         if (
             not _is_loopback(self.fhir_host)
             and self.webhook_token is None

@@ -28,11 +28,15 @@ from db.schema import (
     Instance,
     Job,
     JobStatus,
+    Patient,
     Series,
     Study,
     StudyState,
     utcnow,
 )
+from worker.clinical import plan_patient_jobs
+from worker.clinical_rules import ClinicalRules
+from worker.jobs import job_scope
 from worker.routing import RoutingRules
 from worker.runtime import Dispatcher
 from worker.settings import Settings
@@ -48,6 +52,7 @@ def input_hash(sop_instance_uids: list[str]) -> str:
 @dataclass
 class SweepReport:
     studies_routed: int = 0
+    patients_routed: int = 0
     jobs_created: list[tuple[int, str]] = field(default_factory=list)  # (id, queue)
     jobs_requeued: list[tuple[int, str]] = field(default_factory=list)
     jobs_failed: int = 0
@@ -64,11 +69,13 @@ class Sweeper:
         database: Database,
         dispatcher: Dispatcher,
         rules: RoutingRules,
+        clinical_rules: ClinicalRules | None = None,
     ) -> None:
         self.settings = settings
         self.database = database
         self.dispatcher = dispatcher
         self.rules = rules
+        self.clinical_rules = clinical_rules or ClinicalRules.load()
 
     # Study completion ---------------------------------------------------------------
 
@@ -159,6 +166,46 @@ class Sweeper:
         )
         return created
 
+    # Patients -------------------------------------------------------------------------
+
+    def route_quiet_patients(self, now: datetime, report: SweepReport) -> None:
+        """Patients with no event for PATIENT_STABLE_SECONDS get their clinical jobs."""
+        cutoff = now - timedelta(seconds=self.settings.patient_stable_seconds)
+        with self.database.session() as session:
+            candidates = (
+                session.execute(
+                    select(Patient.id)
+                    .where(
+                        Patient.state == StudyState.RECEIVING, Patient.last_received_at <= cutoff
+                    )
+                    .limit(100)
+                )
+                .scalars()
+                .all()
+            )
+        for patient_id in candidates:
+            with self.database.session() as session:
+                claimed: Any = session.execute(
+                    update(Patient)
+                    .where(
+                        Patient.id == patient_id,
+                        Patient.state == StudyState.RECEIVING,
+                        Patient.last_received_at <= cutoff,
+                    )
+                    .values(
+                        state=StudyState.ROUTED, run_number=Patient.run_number + 1, routed_at=now
+                    )
+                )
+                if claimed.rowcount != 1:
+                    continue
+                patient = session.get(Patient, patient_id)
+                assert patient is not None
+                created = plan_patient_jobs(
+                    session, self.clinical_rules, patient, now, self.settings.job_max_attempts
+                )
+            report.patients_routed += 1
+            report.jobs_created.extend(created)
+
     # Stuck work ---------------------------------------------------------------------
 
     def requeue_stuck(self, now: datetime, report: SweepReport) -> None:
@@ -172,8 +219,7 @@ class Sweeper:
                 .all()
             )
             for job in expired:
-                study_uid = session.get(Study, job.study_id)
-                uid = study_uid.study_instance_uid if study_uid else None
+                uid, subject = job_scope(session, job)
                 if job.attempts >= job.max_attempts:
                     job.status = JobStatus.FAILED
                     job.finished_at = now
@@ -184,6 +230,7 @@ class Sweeper:
                         "job.failed",
                         actor="sweeper",
                         study_instance_uid=uid,
+                        subject=subject,
                         job=job.id,
                         attempts=job.attempts,
                         error=job.error,
@@ -198,6 +245,7 @@ class Sweeper:
                         "job.lease_expired",
                         actor="sweeper",
                         study_instance_uid=uid,
+                        subject=subject,
                         job=job.id,
                         attempts=job.attempts,
                     )
@@ -267,6 +315,7 @@ class Sweeper:
         now = now or utcnow()
         report = SweepReport()
         self.route_stable_studies(now, report)
+        self.route_quiet_patients(now, report)
         self.requeue_stuck(now, report)
         self.requeue_fhir_events(now, report)
         for job_id, queue in report.jobs_created + report.jobs_requeued:
@@ -288,6 +337,8 @@ class Sweeper:
                 len(report.fhir_events_published),
                 len(published),
             )
+        if report.patients_routed:
+            log.info("sweep: %d patients routed", report.patients_routed)
         if report.studies_routed or report.jobs_requeued or report.jobs_failed:
             log.info(
                 "sweep: %d studies routed, %d jobs created, %d re-sent, %d failed",

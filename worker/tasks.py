@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from celery import Celery
 
 from worker.celery_app import DELIVER_TASK, PROCESS_FHIR_EVENT_TASK, RUN_JOB_TASK
@@ -21,11 +19,9 @@ def register_tasks(app: Celery) -> None:
 
     @app.task(name=PROCESS_FHIR_EVENT_TASK, acks_late=True, reject_on_worker_lost=True)
     def process_fhir_event(event_id: int) -> None:
-        # The clinical pipelines are not in this version: the event stays recorded (status
-        # queued) for them, and nothing is lost by acknowledging the message.
-        logging.getLogger("carebridge.worker").info(
-            "FHIR event %d recorded; no clinical pipeline in this version", int(event_id)
-        )
+        from worker.clinical import process_event
+
+        process_event(get_runtime(), int(event_id))
 
     @app.task(name=DELIVER_TASK, acks_late=True, reject_on_worker_lost=True)
     def deliver(delivery_id: int) -> None:

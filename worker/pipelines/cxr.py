@@ -51,6 +51,9 @@ def output_relpath(study_uid: str, series_uid: str, sop_uid: str) -> str:
 
 def run_cxr_classification(runtime: Runtime, job: ClaimedJob) -> list[int]:
     """Classify the job's images; one finding per study (mean of per-image probabilities)."""
+    if job.study_instance_uid is None:
+        raise PermanentJobError("cxr-classification runs on a study, not on a patient")
+    study_uid = job.study_instance_uid
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     archive = runtime.settings.archive_dir.resolve()
@@ -104,7 +107,7 @@ def run_cxr_classification(runtime: Runtime, job: ClaimedJob) -> list[int]:
         before = previous_output(session, job, "dicom-sr", result.id)
         predecessor = (
             SRReference(
-                study_instance_uid=job.study_instance_uid,
+                study_instance_uid=study_uid,
                 series_instance_uid=str(before.series_instance_uid),
                 sop_class_uid=str(before.sop_class_uid),
                 sop_instance_uid=str(before.sop_instance_uid),
@@ -131,7 +134,7 @@ def run_cxr_classification(runtime: Runtime, job: ClaimedJob) -> list[int]:
         predecessor=predecessor,
         content_datetime=created_at,
     )
-    relpath = output_relpath(job.study_instance_uid, series_uid, sop_uid)
+    relpath = output_relpath(study_uid, series_uid, sop_uid)
     write_and_read_back(sr, archive / relpath)
     timings["sr_ms"] = (time.perf_counter() - clock) * 1000
     timings["total_ms"] = sum(timings.values())

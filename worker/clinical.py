@@ -1,0 +1,346 @@
+"""Clinical events into the patient context, and the patient context into jobs.
+
+The webhook commits each FHIR event and queues ``carebridge.process_fhir_event``. Processing
+an event (:func:`process_event`) files the resource under its patient: the newest version
+of every resource is kept in ``clinical_resources`` and the patient's quiet-period clock
+restarts. An id-only notification is read from the EHR first. The sweeper later routes a
+patient that has been quiet (:func:`plan_patient_jobs`): each clinical pipeline whose
+trigger resources changed gets a job over the patient's current resources, exactly like a
+stable study gets imaging jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db import audit
+from db.schema import (
+    ClinicalResource,
+    FhirEvent,
+    FhirEventStatus,
+    Job,
+    JobStatus,
+    Patient,
+    StudyState,
+    utcnow,
+)
+from worker.clinical_rules import LOINC, ClinicalRules
+from worker.runtime import Runtime
+
+log = logging.getLogger("carebridge.clinical")
+
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_REFERENCE = re.compile(r"(?:^|/)(Patient)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+
+
+class ClinicalInputError(ValueError):
+    """A clinical resource carebridge cannot file (no patient, a malformed id...)."""
+
+
+def patient_reference(resource: Mapping[str, Any]) -> str:
+    """``Patient/<id>`` for a Patient, or the patient a resource is about."""
+    if resource.get("resourceType") == "Patient":
+        ident = resource.get("id")
+        if not isinstance(ident, str) or not _ID.match(ident):
+            raise ClinicalInputError("a Patient needs an id to be filed")
+        return f"Patient/{ident}"
+    subject = resource.get("subject")
+    reference = subject.get("reference") if isinstance(subject, dict) else None
+    match = _REFERENCE.search(reference) if isinstance(reference, str) else None
+    if match is None:
+        raise ClinicalInputError(
+            f"{resource.get('resourceType')} has no subject of the form Patient/<id>"
+        )
+    return f"Patient/{match.group(2)}"
+
+
+def content_sha256(resource: Mapping[str, Any]) -> str:
+    """Digest of the canonical JSON of a resource (identifies one version)."""
+    canonical = json.dumps(resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _primary_code(resource: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    code = resource.get("code")
+    codings = [c for c in (code.get("coding", []) if isinstance(code, dict) else []) if c]
+    codings.sort(key=lambda coding: coding.get("system") != LOINC)  # LOINC first
+    for coding in codings:
+        if isinstance(coding, dict) and coding.get("code"):
+            return (str(coding.get("system") or "")[:200] or None, str(coding["code"])[:64])
+    return None, None
+
+
+def _effective(resource: Mapping[str, Any]) -> datetime | None:
+    for field in ("effectiveDateTime", "issued", "date", "recordedDate", "onsetDateTime"):
+        value = resource.get(field)
+        if isinstance(value, str):
+            try:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if parsed.tzinfo is not None:
+                parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+            return parsed
+    return None
+
+
+def _touch_patient(session: Session, reference: str, now: datetime) -> Patient:
+    """The patient row, its quiet-period clock restarted."""
+    patient = session.execute(
+        select(Patient).where(Patient.reference == reference).with_for_update()
+    ).scalar_one_or_none()
+    if patient is None:
+        patient = Patient(
+            reference=reference,
+            state=StudyState.RECEIVING,
+            run_number=0,
+            first_received_at=now,
+            last_received_at=now,
+        )
+        session.add(patient)
+        session.flush()
+    else:
+        patient.state = StudyState.RECEIVING
+        patient.last_received_at = now
+    return patient
+
+
+def file_resource(
+    session: Session, event_id: int, resource: Mapping[str, Any], now: datetime
+) -> tuple[ClinicalResource, bool]:
+    """Keep the newest version of ``resource`` under its patient; True when it changed."""
+    resource_type = str(resource.get("resourceType"))
+    reference = patient_reference(resource)
+    resource_id = resource.get("id")
+    if resource_id is None:
+        resource_id = f"cb-{event_id}"
+    elif not isinstance(resource_id, str) or not _ID.match(resource_id):
+        raise ClinicalInputError(f"{resource_type} id is not a valid FHIR id")
+    patient = _touch_patient(session, reference, now)
+    digest = content_sha256(resource)
+    system, code = _primary_code(resource)
+    row = session.execute(
+        select(ClinicalResource).where(
+            ClinicalResource.resource_type == resource_type,
+            ClinicalResource.resource_id == resource_id,
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        row = ClinicalResource(resource_type=resource_type, resource_id=resource_id)
+        session.add(row)
+    elif row.content_sha256 == digest:
+        return row, False
+    row.patient_id = patient.id
+    row.content_sha256 = digest
+    row.code_system, row.code = system, code
+    row.effective_at = _effective(resource)
+    row.body = dict(resource)
+    row.fhir_event_id = event_id
+    row.updated_at = now
+    session.flush()
+    return row, True
+
+
+@dataclass(frozen=True)
+class _EventSnapshot:
+    id: int
+    resource_type: str
+    resource_id: str | None
+    body: dict[str, Any] | None
+
+
+def _finish_event(
+    runtime: Runtime,
+    event_id: int,
+    status: FhirEventStatus,
+    *,
+    error: str | None = None,
+    subject: str | None = None,
+    **detail: Any,
+) -> None:
+    with runtime.database.session() as session:
+        session.execute(
+            update(FhirEvent)
+            .where(FhirEvent.id == event_id)
+            .values(status=status, error=error[:2000] if error else None)
+        )
+        audit.append(
+            session,
+            "fhir.event_processed" if status == FhirEventStatus.PROCESSED else "fhir.event_failed",
+            actor=runtime.owner,
+            subject=subject,
+            event=event_id,
+            error=error,
+            **detail,
+        )
+
+
+def process_event(runtime: Runtime, event_id: int) -> None:
+    """Task body of ``carebridge.process_fhir_event``: file one event's resource."""
+    with runtime.database.session() as session:
+        event = session.get(FhirEvent, event_id)
+        if event is None or event.status in (FhirEventStatus.PROCESSED, FhirEventStatus.FAILED):
+            log.info("FHIR event %d: nothing to do", event_id)
+            return
+        snapshot = _EventSnapshot(event.id, event.resource_type, event.resource_id, event.body)
+    body = snapshot.body
+    if body is None:
+        body = _read_from_ehr(runtime, snapshot)
+        if body is None:
+            return
+    now = utcnow()
+    try:
+        with runtime.database.session() as session:
+            row, changed = file_resource(session, snapshot.id, body, now)
+            patient = session.get(Patient, row.patient_id)
+            assert patient is not None
+            session.execute(
+                update(FhirEvent)
+                .where(FhirEvent.id == snapshot.id)
+                .values(status=FhirEventStatus.PROCESSED, error=None)
+            )
+            audit.append(
+                session,
+                "fhir.event_processed",
+                actor=runtime.owner,
+                subject=patient.reference,
+                event=snapshot.id,
+                resource=f"{row.resource_type}/{row.resource_id}",
+                content_sha256=row.content_sha256,
+                changed=changed,
+                fetched=snapshot.body is None,
+            )
+    except ClinicalInputError as exc:
+        log.warning("FHIR event %d refused: %s", event_id, exc)
+        _finish_event(runtime, event_id, FhirEventStatus.FAILED, error=str(exc))
+        return
+    log.info("FHIR event %d filed (%s)", event_id, snapshot.resource_type)
+
+
+def _read_from_ehr(runtime: Runtime, event: _EventSnapshot) -> dict[str, Any] | None:
+    """The resource of an id-only notification, read from EHR_BASE_URL.
+
+    A transient failure leaves the event RECEIVED, so the sweeper re-sends it later; a
+    missing configuration or a refusal fails it with the reason.
+    """
+    from worker.ehr import ehr_client  # HTTP client only where it is needed
+    from worker.senders.dicom import DeliveryError
+
+    client = ehr_client(runtime.settings)
+    if client is None or event.resource_id is None:
+        _finish_event(
+            runtime,
+            event.id,
+            FhirEventStatus.FAILED,
+            error="id-only notification, but CAREBRIDGE_EHR_BASE_URL is not set"
+            if client is None
+            else "id-only notification without a resource id",
+        )
+        return None
+    try:
+        resource = client.read(event.resource_type, event.resource_id)
+    except DeliveryError as exc:
+        if exc.transient:
+            with runtime.database.session() as session:
+                session.execute(
+                    update(FhirEvent)
+                    .where(FhirEvent.id == event.id)
+                    .values(status=FhirEventStatus.RECEIVED, queued_at=utcnow(), error=str(exc))
+                )
+            log.warning("FHIR event %d: EHR read failed, will retry: %s", event.id, exc)
+            return None
+        _finish_event(runtime, event.id, FhirEventStatus.FAILED, error=f"EHR read: {exc}")
+        return None
+    if resource.get("resourceType") != event.resource_type:
+        _finish_event(
+            runtime, event.id, FhirEventStatus.FAILED, error="EHR returned another resource type"
+        )
+        return None
+    return resource
+
+
+# Routing a quiet patient ---------------------------------------------------------------
+
+
+def _input_hash(resources: Sequence[ClinicalResource]) -> str:
+    keys = sorted(f"{r.resource_type}/{r.resource_id}@{r.content_sha256}" for r in resources)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def plan_patient_jobs(
+    session: Session, rules: ClinicalRules, patient: Patient, now: datetime, max_attempts: int
+) -> list[tuple[int, str]]:
+    """Create the jobs a quiet patient's resources call for; (job id, queue) of each new one."""
+    resources = list(
+        session.execute(
+            select(ClinicalResource)
+            .where(ClinicalResource.patient_id == patient.id)
+            .order_by(ClinicalResource.id)
+        ).scalars()
+    )
+    created: list[tuple[int, str]] = []
+    for pipeline in rules.pipelines:
+        triggers = [r for r in resources if pipeline.is_trigger(r.body)]
+        if not triggers:
+            continue
+        extras = [r for r in resources if r not in triggers and pipeline.is_input(r.body)]
+        groups = [[t] for t in triggers] if pipeline.per_resource else [triggers + extras]
+        for group in groups:
+            digest = _input_hash(group)
+            exists = session.execute(
+                select(Job.id).where(
+                    Job.patient_id == patient.id,
+                    Job.pipeline == pipeline.name,
+                    Job.input_hash == digest,
+                )
+            ).first()
+            if exists is not None:
+                continue
+            job = Job(
+                patient_id=patient.id,
+                run_number=patient.run_number,
+                pipeline=pipeline.name,
+                queue=pipeline.queue,
+                model=pipeline.model,
+                input_hash=digest,
+                inputs=[r.id for r in group],
+                status=JobStatus.QUEUED,
+                attempts=0,
+                max_attempts=max_attempts,
+                created_at=now,
+                queued_at=now,
+            )
+            session.add(job)
+            session.flush()
+            created.append((job.id, job.queue))
+    audit.append(
+        session,
+        "patient.stable",
+        actor="sweeper",
+        subject=patient.reference,
+        run=patient.run_number,
+        resources=len(resources),
+        jobs=[job_id for job_id, _ in created],
+    )
+    return created
+
+
+def load_clinical_inputs(session: Session, ids: Sequence[int]) -> list[ClinicalResource]:
+    """A job's input resources, in id order."""
+    return list(
+        session.execute(
+            select(ClinicalResource)
+            .where(ClinicalResource.id.in_(list(ids)))
+            .order_by(ClinicalResource.id)
+        ).scalars()
+    )
