@@ -7,15 +7,19 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.orm import Session
 
 from db.engine import Database
 from db.schema import (
     AuditEvent,
+    ClinicalResource,
     Delivery,
+    FhirEvent,
     Instance,
     Job,
     OutputObject,
+    Patient,
     Result,
     Series,
     Study,
@@ -63,33 +67,12 @@ def study_report(database: Database, study_instance_uid: str) -> dict[str, Any] 
         instances = session.execute(
             select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)
         ).scalars()
-        jobs = session.execute(
-            select(Job).where(Job.study_id == study.id).order_by(Job.id)
-        ).scalars()
-        results = (
-            session.execute(select(Result).where(Result.study_id == study.id).order_by(Result.id))
-            .scalars()
-            .all()
+        work = _work_report(
+            session,
+            Job.study_id == study.id,
+            Result.study_id == study.id,
+            AuditEvent.study_instance_uid == study_instance_uid,
         )
-        outputs = (
-            session.execute(
-                select(OutputObject)
-                .where(OutputObject.result_id.in_([r.id for r in results]))
-                .order_by(OutputObject.id)
-            )
-            .scalars()
-            .all()
-        )
-        deliveries = session.execute(
-            select(Delivery)
-            .where(Delivery.output_id.in_([o.id for o in outputs]))
-            .order_by(Delivery.id)
-        ).scalars()
-        events = session.execute(
-            select(AuditEvent)
-            .where(AuditEvent.study_instance_uid == study_instance_uid)
-            .order_by(AuditEvent.seq)
-        ).scalars()
         return {
             "study": {
                 "study_instance_uid": study.study_instance_uid,
@@ -116,83 +99,162 @@ def study_report(database: Database, study_instance_uid: str) -> dict[str, Any] 
                 }
                 for i in instances
             ],
-            "jobs": [
+            **work,
+        }
+
+
+def _work_report(
+    session: Session,
+    job_filter: ColumnElement[bool],
+    result_filter: ColumnElement[bool],
+    event_filter: ColumnElement[bool],
+) -> dict[str, Any]:
+    """Jobs, results, outputs, deliveries and audit events of one study or patient."""
+    jobs = session.execute(select(Job).where(job_filter).order_by(Job.id)).scalars()
+    results = list(
+        session.execute(select(Result).where(result_filter).order_by(Result.id)).scalars()
+    )
+    outputs = (
+        session.execute(
+            select(OutputObject)
+            .where(OutputObject.result_id.in_([r.id for r in results]))
+            .order_by(OutputObject.id)
+        )
+        .scalars()
+        .all()
+    )
+    deliveries = session.execute(
+        select(Delivery)
+        .where(Delivery.output_id.in_([o.id for o in outputs]))
+        .order_by(Delivery.id)
+    ).scalars()
+    events = session.execute(
+        select(AuditEvent).where(event_filter).order_by(AuditEvent.seq)
+    ).scalars()
+    return {
+        "jobs": [
+            {
+                "id": j.id,
+                "run": j.run_number,
+                "pipeline": j.pipeline,
+                "queue": j.queue,
+                "status": j.status.value,
+                "attempts": j.attempts,
+                "max_attempts": j.max_attempts,
+                "inputs": len(j.inputs),
+                "input_hash": j.input_hash,
+                "created_at": j.created_at,
+                "started_at": j.started_at,
+                "finished_at": j.finished_at,
+                "timings_ms": j.timings,
+                "error": j.error,
+            }
+            for j in jobs
+        ],
+        "results": [
+            {
+                "id": r.id,
+                "job": r.job_id,
+                "pipeline": r.pipeline,
+                "finding": {
+                    "code": r.finding_code,
+                    "scheme": r.finding_scheme,
+                    "meaning": r.finding_meaning,
+                },
+                "probability": r.probability,
+                "model": {
+                    "name": r.model_name,
+                    "version": r.model_version,
+                    "device_uid": r.device_uid,
+                    "weights_sha256": r.weights_sha256,
+                    "demo_weights": r.demo_weights,
+                },
+                "details": r.details,
+                "created_at": r.created_at,
+            }
+            for r in results
+        ],
+        "outputs": [
+            {
+                "id": o.id,
+                "result": o.result_id,
+                "kind": o.kind,
+                "sop_instance_uid": o.sop_instance_uid,
+                "series_instance_uid": o.series_instance_uid,
+                "sha256": o.sha256,
+            }
+            for o in outputs
+        ],
+        "deliveries": [
+            {
+                "id": d.id,
+                "output": d.output_id,
+                "destination": d.destination,
+                "status": d.status.value,
+                "attempts": d.attempts,
+                "max_attempts": d.max_attempts,
+                "last_status": d.last_status,
+                "last_error": d.last_error,
+                "sent_at": d.sent_at,
+            }
+            for d in deliveries
+        ],
+        "events": [
+            {
+                "seq": e.seq,
+                "at": e.occurred_at,
+                "type": e.event_type,
+                "actor": e.actor,
+                "detail": e.detail,
+            }
+            for e in events
+        ],
+    }
+
+
+def patient_report(database: Database, reference: str) -> dict[str, Any] | None:
+    """Everything recorded about one patient (``Patient/<id>``): the clinical events that
+    came in, the resources on file, the jobs, results, EHR deliveries and audit events."""
+    with database.session() as session:
+        patient = session.execute(
+            select(Patient).where(Patient.reference == reference)
+        ).scalar_one_or_none()
+        if patient is None:
+            return None
+        resources = session.execute(
+            select(ClinicalResource, FhirEvent)
+            .join(FhirEvent, FhirEvent.id == ClinicalResource.fhir_event_id)
+            .where(ClinicalResource.patient_id == patient.id)
+            .order_by(ClinicalResource.id)
+        ).all()
+        work = _work_report(
+            session,
+            Job.patient_id == patient.id,
+            Result.patient_id == patient.id,
+            AuditEvent.subject == reference,
+        )
+        return {
+            "patient": {
+                "reference": patient.reference,
+                "state": patient.state.value,
+                "run": patient.run_number,
+                "first_received_at": patient.first_received_at,
+                "last_received_at": patient.last_received_at,
+                "routed_at": patient.routed_at,
+            },
+            "resources": [
                 {
-                    "id": j.id,
-                    "run": j.run_number,
-                    "pipeline": j.pipeline,
-                    "queue": j.queue,
-                    "status": j.status.value,
-                    "attempts": j.attempts,
-                    "max_attempts": j.max_attempts,
-                    "inputs": len(j.inputs),
-                    "input_hash": j.input_hash,
-                    "created_at": j.created_at,
-                    "started_at": j.started_at,
-                    "finished_at": j.finished_at,
-                    "timings_ms": j.timings,
-                    "error": j.error,
+                    "resource": f"{r.resource_type}/{r.resource_id}",
+                    "code": f"{r.code_system}|{r.code}" if r.code else None,
+                    "content_sha256": r.content_sha256,
+                    "fhir_event": e.id,
+                    "source": e.source.value,
+                    "fhir_version": e.fhir_version,
+                    "received_at": e.received_at,
                 }
-                for j in jobs
+                for r, e in resources
             ],
-            "results": [
-                {
-                    "id": r.id,
-                    "job": r.job_id,
-                    "pipeline": r.pipeline,
-                    "finding": {
-                        "code": r.finding_code,
-                        "scheme": r.finding_scheme,
-                        "meaning": r.finding_meaning,
-                    },
-                    "probability": r.probability,
-                    "model": {
-                        "name": r.model_name,
-                        "version": r.model_version,
-                        "device_uid": r.device_uid,
-                        "weights_sha256": r.weights_sha256,
-                        "demo_weights": r.demo_weights,
-                    },
-                    "details": r.details,
-                    "created_at": r.created_at,
-                }
-                for r in results
-            ],
-            "outputs": [
-                {
-                    "id": o.id,
-                    "result": o.result_id,
-                    "kind": o.kind,
-                    "sop_instance_uid": o.sop_instance_uid,
-                    "series_instance_uid": o.series_instance_uid,
-                    "sha256": o.sha256,
-                }
-                for o in outputs
-            ],
-            "deliveries": [
-                {
-                    "id": d.id,
-                    "output": d.output_id,
-                    "destination": d.destination,
-                    "status": d.status.value,
-                    "attempts": d.attempts,
-                    "max_attempts": d.max_attempts,
-                    "last_status": d.last_status,
-                    "last_error": d.last_error,
-                    "sent_at": d.sent_at,
-                }
-                for d in deliveries
-            ],
-            "events": [
-                {
-                    "seq": e.seq,
-                    "at": e.occurred_at,
-                    "type": e.event_type,
-                    "actor": e.actor,
-                    "detail": e.detail,
-                }
-                for e in events
-            ],
+            **work,
         }
 
 
@@ -205,8 +267,7 @@ def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
     return table
 
 
-def render_report(console: Console, report: dict[str, Any]) -> None:
-    """Print a study report as tables."""
+def _render_study_header(console: Console, report: dict[str, Any]) -> None:
     study = report["study"]
     console.print(
         f"[bold]Study {study['study_instance_uid']}[/bold]: {study['state']}, run "
@@ -227,6 +288,26 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
             ["sop_instance_uid", "calling_ae", "size_bytes", "received_at"],
         )
     )
+
+
+def render_report(console: Console, report: dict[str, Any]) -> None:
+    """Print a study or patient report as tables."""
+    if "patient" in report:
+        patient = report["patient"]
+        console.print(
+            f"[bold]{patient['reference']}[/bold]: {patient['state']}, run {patient['run']}, "
+            f"{len(report['resources'])} resources, last received "
+            f"{patient['last_received_at']} UTC"
+        )
+        console.print(
+            _table(
+                "Clinical resources received",
+                report["resources"],
+                ["resource", "code", "fhir_event", "source", "fhir_version", "received_at"],
+            )
+        )
+    else:
+        _render_study_header(console, report)
     console.print(
         _table(
             "Jobs",
@@ -272,7 +353,16 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         _table(
             "Deliveries",
             report["deliveries"],
-            ["id", "destination", "status", "attempts", "last_status", "last_error", "sent_at"],
+            [
+                "id",
+                "destination",
+                "status",
+                "attempts",
+                "last_status",
+                "last_error",
+                "sent_at",
+                "response",
+            ],
         )
     )
     events = [{**e, "detail": str(e["detail"])[:120]} for e in report["events"]]

@@ -320,16 +320,22 @@ def audit_studies(limit: int = 50) -> None:
 
 @audit_app.command("show")
 def audit_show(
-    study_instance_uid: str,
+    study_instance_uid: Annotated[
+        str, typer.Argument(help="A StudyInstanceUID, or a patient as Patient/<id>.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Everything recorded about one study: instances, jobs, results, deliveries, events."""
-    from listeners.audit_views import study_report
+    """Everything recorded about one study (instances, jobs, results, deliveries, events)
+    or one patient (clinical events, jobs, results, EHR deliveries, events)."""
+    from listeners.audit_views import patient_report, study_report
 
     settings = _settings()
-    report = study_report(_database(settings), study_instance_uid)
+    if study_instance_uid.startswith("Patient/"):
+        report = patient_report(_database(settings), study_instance_uid)
+    else:
+        report = study_report(_database(settings), study_instance_uid)
     if report is None:
-        err.print("no such study")
+        err.print("no such study or patient")
         raise typer.Exit(1)
     if as_json:
         print(json.dumps(report, indent=2, default=str))

@@ -16,6 +16,8 @@ Endpoints (every error body is an OperationOutcome, ``application/fhir+json``):
 - ``POST /fhir/{type}`` for DocumentReference, Observation, Condition, Patient.
 - ``POST /fhir/notify`` Subscription notifications: R4 backport, R4B, R5; handshake,
   heartbeat, event-notification (full-resource and id-only payloads).
+- ``GET /cds-services``, ``POST /cds-services/carebridge-treatment``: CDS Hooks
+  (``listeners/cds_hooks.py``).
 - ``GET /healthz`` (alive), ``GET /readyz`` (database reachable), ``GET /metrics``.
 
 Answers: 202 events recorded (OperationOutcome with one informational issue per event;
@@ -48,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db.engine import Database
+from listeners.cds_hooks import register_cds_hooks
 from listeners.fhir_auth import (
     MAX_WEBHOOK_ID_LENGTH,
     CredentialsRefused,
@@ -349,6 +352,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.intake = intake
     app.add_middleware(_CountRequests, metrics=metrics)
+    register_cds_hooks(app, database, intake.token)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
