@@ -57,6 +57,9 @@ def _logging(level: str) -> None:
     from listeners.dicom import quiet_pynetdicom
 
     quiet_pynetdicom()
+    # httpx logs every request URL at INFO; search URLs can carry patient identifiers.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")]

@@ -131,8 +131,10 @@ def test_orthanc_round_trip(tmp_path: Path, models_dir: Path, backend: dict[str,
         assert result["model"]["demo_weights"] is True
         assert len(result["model"]["weights_sha256"]) == 64
         assert result["finding"]["scheme"] == "SCT"
-        (output,) = report["outputs"]
-        assert output["sop_instance_uid"] == sr.SOPInstanceUID
+        outputs = {output["kind"]: output for output in report["outputs"]}
+        assert outputs["dicom-sr"]["sop_instance_uid"] == sr.SOPInstanceUID
+        # The FHIR twin is kept in the archive; no EHR is configured, so it has no delivery.
+        assert set(outputs) == {"dicom-sr", "fhir-bundle"}
         (delivery,) = report["deliveries"]
         assert delivery["status"] == "sent" and delivery["attempts"] == 1
         types = [event["type"] for event in report["events"]]

@@ -248,7 +248,11 @@ def _read_from_ehr(runtime: Runtime, event: _EventSnapshot) -> dict[str, Any] | 
         )
         return None
     try:
-        resource = client.read(event.resource_type, event.resource_id)
+        with client:
+            resource = client.read(event.resource_type, event.resource_id)
+    except ValueError as exc:  # an id or type that is not safe to put in a URL
+        _finish_event(runtime, event.id, FhirEventStatus.FAILED, error=f"EHR read: {exc}")
+        return None
     except DeliveryError as exc:
         if exc.transient:
             with runtime.database.session() as session:

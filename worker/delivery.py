@@ -96,7 +96,8 @@ def _send_fhir(runtime: Runtime, base_url: str, path: Path) -> tuple[str, dict[s
             transient=False,
         )
     bundle = json.loads(path.read_text(encoding="utf-8"))
-    result = client.post_transaction(bundle)
+    with client:
+        result = client.post_transaction(bundle)
     return "200", {
         "entries": [
             {"status": entry.status, "location": entry.location} for entry in result.entries

@@ -18,6 +18,8 @@ from worker.outputs.dicom_sr import (
     build_classification_sr,
     write_and_read_back,
 )
+from worker.outputs.fhir import Coding, Concept, ImagingFinding, SubjectRef, imaging_report
+from worker.pipelines.fhir_output import result_context, write_fhir_output
 from worker.results import (
     WrittenOutput,
     complete_job,
@@ -137,6 +139,36 @@ def run_cxr_classification(runtime: Runtime, job: ClaimedJob) -> list[int]:
     relpath = output_relpath(study_uid, series_uid, sop_uid)
     write_and_read_back(sr, archive / relpath)
     timings["sr_ms"] = (time.perf_counter() - clock) * 1000
+    written = [WrittenOutput(output_id, relpath, sha256_file(Path(archive / relpath)))]
+
+    clock = time.perf_counter()
+    patient_id = str(datasets[0].get("PatientID", "") or "").strip()
+    if patient_id:  # the EHR's twin of the SR: same study, same finding, the SR's UIDs
+        context = result_context(
+            result_id,
+            job.input_hash,
+            created_at,
+            SubjectRef.by_identifier(runtime.settings.patient_id_system, patient_id),
+            provenance,
+        )
+        report = imaging_report(
+            context,
+            ImagingFinding(
+                finding=Concept.of(
+                    Coding.from_coded_label(stored_finding.label),
+                    text=stored_finding.label.code_meaning,
+                ),
+                probability=stored_finding.probability,
+                class_probabilities=stored_finding.probabilities,
+            ),
+            sr=SRReference(
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+                sop_class_uid=COMPREHENSIVE_3D_SR,
+                sop_instance_uid=sop_uid,
+            ),
+        )
+        written.append(write_fhir_output(runtime, result_id, [report]))
+        timings["fhir_ms"] = (time.perf_counter() - clock) * 1000
     timings["total_ms"] = sum(timings.values())
-    written = WrittenOutput(output_id, relpath, sha256_file(Path(archive / relpath)))
-    return complete_job(runtime, job, result_id, [written], timings)
+    return complete_job(runtime, job, result_id, written, timings)
