@@ -28,6 +28,11 @@ class PermanentJobError(Exception):
     """The job can never succeed as configured (no model, unreadable input...)."""
 
 
+class NothingToReport(Exception):
+    """The inputs hold nothing the model can speak to (e.g. no biomarker with evidence);
+    the job ends SKIPPED with this reason and produces no output."""
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     """A snapshot of a claimed job, usable outside the claiming transaction."""
@@ -142,6 +147,27 @@ def _finish_failed(runtime: Runtime, job: ClaimedJob, error: str, *, retry: bool
     return requeue
 
 
+def _finish_skipped(runtime: Runtime, job: ClaimedJob, reason: str) -> None:
+    with runtime.database.session() as session:
+        row = session.get(Job, job.id)
+        if row is None or row.status != JobStatus.RUNNING or row.lease_owner != runtime.owner:
+            return
+        row.status = JobStatus.SKIPPED
+        row.error = reason[:2000]
+        row.finished_at = utcnow()
+        row.lease_owner = None
+        row.lease_expires_at = None
+        audit.append(
+            session,
+            "job.skipped",
+            actor=runtime.owner,
+            study_instance_uid=job.study_instance_uid,
+            subject=job.subject,
+            job=job.id,
+            reason=reason,
+        )
+
+
 def execute_job(runtime: Runtime, job_id: int) -> None:
     """Task body of ``carebridge.run_job``."""
     from worker.pipelines import get_pipeline  # imports model code only in workers
@@ -158,6 +184,10 @@ def execute_job(runtime: Runtime, job_id: int) -> None:
     except PermanentJobError as exc:
         log.error("job %d failed permanently: %s", job.id, exc)
         _finish_failed(runtime, job, str(exc), retry=False)
+        return
+    except NothingToReport as exc:
+        log.info("job %d skipped: %s", job.id, exc)
+        _finish_skipped(runtime, job, str(exc))
         return
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"[:2000]

@@ -19,6 +19,14 @@ def get_pipeline(name: str) -> Pipeline:
         from worker.pipelines.cxr import run_cxr_classification
 
         return run_cxr_classification
+    if name == "risk-scoring":
+        from worker.pipelines.risk import run_risk_scoring
+
+        return run_risk_scoring
+    if name == "treatment-suggestion":
+        from worker.pipelines.treatment import run_treatment_suggestion
+
+        return run_treatment_suggestion
     raise PermanentJobError(
         f"pipeline {name!r} is not implemented in this version of carebridge; "
         "remove it from the routing rules or upgrade"
