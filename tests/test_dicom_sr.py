@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -327,3 +328,43 @@ def test_source_without_type2_patient_study_attributes(tmp_path: Path) -> None:
     assert back.StudyID == ""
     errors, output = _dciodvfy_errors(out)
     assert errors == [], output
+
+
+def test_identity_removed_without_method_is_dciodvfy_clean(tmp_path: Path) -> None:
+    # A de-identified source that does not say how: the SR must still carry the Type 1C
+    # De-identification Method that Patient Identity Removed YES requires.
+    source = make_cr_dataset()
+    source.PatientIdentityRemoved = "YES"
+    sr = _build([source])
+    assert "DeidentificationMethod" not in source  # the caller's dataset is left alone
+    out = tmp_path / "sr.dcm"
+    back = write_and_read_back(sr, out)
+    assert back.PatientIdentityRemoved == "YES"
+    assert back.DeidentificationMethod == "Not stated by the source images"
+    errors, output = _dciodvfy_errors(out)
+    assert errors == [], output
+
+
+def test_identity_removed_with_method_keeps_the_source_method(tmp_path: Path) -> None:
+    source = make_cr_dataset()
+    source.PatientIdentityRemoved = "YES"
+    source.DeidentificationMethod = "Basic Application Confidentiality Profile"
+    back = write_and_read_back(_build([source]), tmp_path / "sr.dcm")
+    assert back.DeidentificationMethod == "Basic Application Confidentiality Profile"
+
+
+def test_single_component_patient_name_is_not_logged(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = "Quokkafield"
+    # highdicom warns about a name without "^" and quotes it: that warning is PHI.
+    with pytest.warns(UserWarning, match=name):
+        hd.valuerep.check_person_name(name)
+    recwarn.clear()
+    source = make_cr_dataset()
+    source.PatientName = name
+    caplog.set_level(logging.DEBUG)
+    back = write_and_read_back(_build([source]), tmp_path / "sr.dcm")
+    assert str(back.PatientName) == name  # the SR still names the patient
+    assert not [w for w in recwarn if name in str(w.message)]
+    assert name not in caplog.text

@@ -26,31 +26,32 @@ patient data.
 
 from __future__ import annotations
 
-import os
-import tempfile
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from models.provenance import ModelProvenance
-from worker.outputs.dicom_sr import (
-    _DEMO_NOTE,
-    _derived_uid,
-    _evidence,
-    _fsync_dir,
-    _is_valid_uid,
-    _lo,
+from worker.outputs.dicom_common import (
+    DEMO_NOTE,
+    check_identity,
+    check_numbers,
+    check_output_uids,
+    completed_sources,
+    contributing_equipment,
+    derived_uid,
+    lo,
+    no_phi_warnings,
+    pin_creation_time,
     series_description_for,
+    write_dataset_durably,
 )
+from worker.outputs.files import removed_on_failure
 
 __all__ = [
     "ALGORITHM_FAMILY",
@@ -86,14 +87,6 @@ class EmptySegmentationError(ValueError):
     A SEG without frames is not a valid object, so the caller reports "no liver found"
     (e.g. in the SR or FHIR result) instead of sending a SEG.
     """
-
-
-@contextmanager
-def _no_phi_warnings() -> Iterator[None]:
-    """Silence highdicom's person-name warning: its message quotes the patient's name."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person")
-        yield
 
 
 def _check_slices(sources: Sequence[Dataset]) -> None:
@@ -185,49 +178,6 @@ def _check_mask(mask: object, sources: Sequence[Dataset]) -> np.ndarray:
     return binary
 
 
-def _copy(src: Dataset) -> Dataset:
-    """Return a new top level holding the same elements (the caller's dataset is kept)."""
-    copy = Dataset()
-    for element in src:
-        copy.add(element)
-    if hasattr(src, "file_meta"):
-        copy.file_meta = src.file_meta
-    return copy
-
-
-def _completed_sources(sources: Sequence[Dataset], *, frame_of_reference: bool) -> list[Dataset]:
-    """Return the sources completed for highdicom; the caller's datasets are left untouched.
-
-    highdicom copies the Patient and Study modules from the first source. Missing Type 2
-    patient/study attributes are sent empty (as in the SR), and a source marked Patient
-    Identity Removed without saying how gets the Type 1C De-identification Method that
-    must then accompany it. With ``frame_of_reference``, slices without a
-    FrameOfReferenceUID (non-conformant CT, seen in real archives) get one derived from
-    their series, so that the SEG still carries a Frame of Reference.
-    """
-    completed = _evidence(sources)
-    first = completed[0]
-    if (
-        str(first.get("PatientIdentityRemoved", "")).upper() == "YES"
-        and not first.get("DeidentificationMethod")
-        and not first.get("DeidentificationMethodCodeSequence")
-    ):
-        first = _copy(first) if first is sources[0] else first
-        first.DeidentificationMethod = "Not stated by the source images"
-        completed[0] = first
-    if not frame_of_reference or str(sources[0].get("FrameOfReferenceUID", "") or ""):
-        return completed
-    uid = _derived_uid("frame-of-reference", str(sources[0].SeriesInstanceUID))
-    with_frame = []
-    for src in completed:
-        copy = _copy(src)
-        copy.FrameOfReferenceUID = uid
-        if "PositionReferenceIndicator" not in copy:
-            copy.PositionReferenceIndicator = ""
-        with_frame.append(copy)
-    return with_frame
-
-
 def _seg_key(sources: Sequence[Dataset], provenance: ModelProvenance) -> tuple[str, ...]:
     """What identifies one SEG: the source instances and the exact model."""
     return (
@@ -238,51 +188,6 @@ def _seg_key(sources: Sequence[Dataset], provenance: ModelProvenance) -> tuple[s
         provenance.device_uid,
         provenance.weights_sha256,
     )
-
-
-def _contributing_equipment(
-    provenance: ModelProvenance, when: datetime, what: str
-) -> hd.ContributingEquipment:
-    """IHE AIR Contributing Equipment for the model (as in the classification SR)."""
-    description = f"{what} by {provenance.name} {provenance.version}; "
-    description += f"weights sha256 {provenance.weights_sha256}"
-    if provenance.demo:
-        description += f"; {_DEMO_NOTE}"
-    equipment = hd.ContributingEquipment(
-        manufacturer=_lo(provenance.manufacturer),
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=_lo(provenance.name),
-        software_versions=_lo(provenance.version),
-        device_serial_number=provenance.weights_sha256,
-        contribution_datetime=when,
-        contribution_description=description[:1024],  # ST
-    )
-    equipment.DeviceUID = provenance.device_uid
-    return equipment
-
-
-def _pin_creation_time(ds: Dataset, equipment: hd.ContributingEquipment) -> None:
-    """Replace highdicom's "now" stamps by the content time so a rebuild is identical."""
-    ds.InstanceCreationDate = ds.ContentDate
-    ds.InstanceCreationTime = ds.ContentTime
-    for item in ds.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = equipment.ContributionDateTime
-
-
-def _check_output_uids(
-    sources: Sequence[Dataset], series_instance_uid: str, sop_instance_uid: str
-) -> None:
-    for name, value in (
-        ("series_instance_uid", series_instance_uid),
-        ("sop_instance_uid", sop_instance_uid),
-    ):
-        if not _is_valid_uid(value):
-            raise ValueError(f"{name} is not a valid UID")
-    if series_instance_uid in {str(src.SeriesInstanceUID) for src in sources}:
-        raise ValueError("the output needs a new series, not a series of its sources")
-    if sop_instance_uid in {str(src.SOPInstanceUID) for src in sources}:
-        raise ValueError("the output SOP Instance UID must differ from its sources")
 
 
 def build_liver_seg(
@@ -311,21 +216,20 @@ def build_liver_seg(
     ordered = sort_by_slice_position(sources)
     binary = _check_mask(mask, ordered)
     key = _seg_key(ordered, provenance)
-    series_instance_uid = series_instance_uid or _derived_uid(*key, "series")
-    sop_instance_uid = sop_instance_uid or _derived_uid(*key, "instance")
-    _check_output_uids(ordered, series_instance_uid, sop_instance_uid)
-    if not 1 <= series_number <= 2**31 - 1 or not 1 <= instance_number <= 2**31 - 1:
-        raise ValueError("series_number and instance_number must be positive integers")
+    series_instance_uid = series_instance_uid or derived_uid(*key, "series")
+    sop_instance_uid = sop_instance_uid or derived_uid(*key, "instance")
+    check_output_uids(ordered, series_instance_uid, sop_instance_uid, "SEG")
+    check_numbers(series_number, instance_number)
 
     when = content_datetime or datetime.now()
     parameters = {"weights_sha256": provenance.weights_sha256}
     if provenance.demo:
-        parameters["note"] = _DEMO_NOTE
+        parameters["note"] = DEMO_NOTE
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=_lo(provenance.name),
+        name=lo(provenance.name),
         family=ALGORITHM_FAMILY,
-        version=_lo(provenance.version),
-        source=_lo(provenance.manufacturer),
+        version=lo(provenance.version),
+        source=lo(provenance.manufacturer),
         parameters=parameters,
     )
     liver = hd.seg.SegmentDescription(
@@ -336,15 +240,15 @@ def build_liver_seg(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         # The volume SR's Measurement Group reuses this Tracking UID for the same liver.
-        tracking_uid=_derived_uid(sop_instance_uid, "segment", "1"),
+        tracking_uid=derived_uid(sop_instance_uid, "segment", "1"),
         tracking_id="Liver",
         display_color=hd.color.CIELabColor.from_rgb(*_LIVER_RGB),
     )
-    equipment = _contributing_equipment(provenance, when, "AI liver segmentation")
-    content = "AI liver segmentation" + (f"; {_DEMO_NOTE}" if provenance.demo else "")
-    with _no_phi_warnings():
+    equipment = contributing_equipment(provenance, when, "AI liver segmentation")
+    content = "AI liver segmentation" + (f"; {DEMO_NOTE}" if provenance.demo else "")
+    with no_phi_warnings():
         seg = hd.seg.Segmentation(
-            source_images=_completed_sources(ordered, frame_of_reference=True),
+            source_images=completed_sources(ordered, frame_of_reference=True),
             pixel_array=binary,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[liver],
@@ -352,12 +256,12 @@ def build_liver_seg(
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
             instance_number=instance_number,
-            manufacturer=_lo(provenance.manufacturer),
-            manufacturer_model_name=_lo(provenance.name),
-            software_versions=_lo(provenance.version),
+            manufacturer=lo(provenance.manufacturer),
+            manufacturer_model_name=lo(provenance.name),
+            software_versions=lo(provenance.version),
             device_serial_number=provenance.weights_sha256,
             content_label="LIVER",
-            content_description=_lo(content),
+            content_description=lo(content),
             omit_empty_frames=True,
             contributing_equipment=[equipment],
             series_description=series_description_for(provenance),
@@ -366,37 +270,12 @@ def build_liver_seg(
             series_date=when.date(),
             series_time=when.time(),
         )
-    _pin_creation_time(seg, equipment)
+    pin_creation_time(seg, equipment)
     # highdicom draws a random Dimension Organization UID; derive it so a retry matches.
-    dimension_uid = _derived_uid(sop_instance_uid, "dimension-organization")
+    dimension_uid = derived_uid(sop_instance_uid, "dimension-organization")
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dimension_uid
     return seg
-
-
-def _write_durably(ds: Dataset, path: Path) -> None:
-    """Write ``ds`` to a temporary file next to ``path``, fsync it and rename it over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pydicom.dcmwrite(fh, ds, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _check_identity(back: Dataset, ds: Dataset, what: str) -> None:
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"):
-        if str(back.get(keyword, "")) != str(ds.get(keyword, "")):
-            raise ValueError(f"{what} read back from disk has a different {keyword}")
-    if back.file_meta.MediaStorageSOPInstanceUID != back.SOPInstanceUID:
-        raise ValueError(f"{what} file meta does not match its SOP Instance UID")
 
 
 def write_seg_and_read_back(seg: Dataset, path: Path) -> hd.seg.Segmentation:
@@ -409,21 +288,18 @@ def write_seg_and_read_back(seg: Dataset, path: Path) -> hd.seg.Segmentation:
     path = Path(path)
     if str(seg.get("SOPClassUID", "")) != SEGMENTATION_STORAGE:
         raise ValueError("not a Segmentation Storage instance")
-    _write_durably(seg, path)
-    try:
+    write_dataset_durably(seg, path)
+    with removed_on_failure(path):
         try:
             back = hd.seg.segread(path)
             frames = back.pixel_array
         except Exception as exc:
             raise ValueError(f"SEG file does not read back: {type(exc).__name__}") from exc
-        _check_identity(back, seg, "SEG")
+        check_identity(back, seg, "SEG")
         expected = [int(item.SegmentNumber) for item in seg.SegmentSequence]
         if list(back.segment_numbers) != expected:
             raise ValueError("SEG read back has different segments")
         count = int(seg.NumberOfFrames)
         if int(back.NumberOfFrames) != count or frames.size != count * seg.Rows * seg.Columns:
             raise ValueError("SEG read back has a different number of frames")
-    except Exception:
-        path.unlink(missing_ok=True)
-        raise
     return back

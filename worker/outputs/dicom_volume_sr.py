@@ -36,27 +36,31 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from models.provenance import ModelProvenance
+from worker.outputs.dicom_common import (
+    DEFAULT_PROCEDURE,
+    SRReference,
+    check_identity,
+    check_numbers,
+    check_output_uids,
+    completed_sources,
+    contributing_equipment,
+    derived_uid,
+    device_observation_context,
+    library_entry,
+    lo,
+    no_phi_warnings,
+    pin_creation_time,
+    previous_versions,
+    series_description_for,
+    sr_algorithm_identification,
+    write_dataset_durably,
+)
 from worker.outputs.dicom_seg import (
     SEGMENTATION_STORAGE,
-    _check_identity,
-    _check_output_uids,
-    _completed_sources,
-    _contributing_equipment,
-    _no_phi_warnings,
-    _pin_creation_time,
-    _write_durably,
     slice_positions,
     sort_by_slice_position,
 )
-from worker.outputs.dicom_sr import (
-    _DEFAULT_PROCEDURE,
-    _DEMO_NOTE,
-    SRReference,
-    _derived_uid,
-    _library_entry,
-    _lo,
-    series_description_for,
-)
+from worker.outputs.files import removed_on_failure
 
 __all__ = [
     "MEAN",
@@ -230,7 +234,7 @@ def _measurement_group(
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     number = measurement.segment_number
     label = str(segment.get("SegmentLabel", "") or f"Segment {number}")
-    tracking_uid = str(segment.get("TrackingUID", "") or "") or _derived_uid(
+    tracking_uid = str(segment.get("TrackingUID", "") or "") or derived_uid(
         str(seg.SOPInstanceUID), "segment", str(number)
     )
     items = [
@@ -252,7 +256,7 @@ def _measurement_group(
         )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid, identifier=_lo(str(segment.get("TrackingID", "") or label))
+            uid=tracking_uid, identifier=lo(str(segment.get("TrackingID", "") or label))
         ),
         referenced_segment=_referenced_segment(seg, number),
         finding_type=_coded(segment, "SegmentedPropertyTypeCodeSequence"),
@@ -297,29 +301,23 @@ def build_volume_sr(
     unknown = sorted(set(numbers_given) - set(segments))
     if unknown:
         raise ValueError(f"the SEG has no segment {unknown[0]}")
-    series_instance_uid = series_instance_uid or _derived_uid(
+    series_instance_uid = series_instance_uid or derived_uid(
         "volume-sr", str(seg.SOPInstanceUID), "series"
     )
-    sop_instance_uid = sop_instance_uid or _derived_uid(
+    sop_instance_uid = sop_instance_uid or derived_uid(
         "volume-sr", str(seg.SOPInstanceUID), "instance"
     )
-    _check_output_uids(ordered, series_instance_uid, sop_instance_uid)
+    check_output_uids(ordered, series_instance_uid, sop_instance_uid, "SR")
     if sop_instance_uid == str(seg.SOPInstanceUID) or series_instance_uid == str(
         seg.SeriesInstanceUID
     ):
         raise ValueError("the SR needs its own series and instance, apart from the SEG")
     if predecessor is not None and predecessor.sop_instance_uid == sop_instance_uid:
         raise ValueError("an SR cannot supersede itself")
-    if not 1 <= series_number <= 2**31 - 1 or not 1 <= instance_number <= 2**31 - 1:
-        raise ValueError("series_number and instance_number must be positive integers")
+    check_numbers(series_number, instance_number)
 
     when = content_datetime or datetime.now()
-    parameters = [f"weights sha256: {provenance.weights_sha256}"]
-    if provenance.demo:
-        parameters.append(_DEMO_NOTE)
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=_lo(provenance.name), version=_lo(provenance.version), parameters=parameters
-    )
+    algorithm = sr_algorithm_identification(provenance)
     # Image Library: the slices under the reported segments' frames (as dcmqi does);
     # the evidence below still lists the whole source series.
     referenced: set[str] = set()
@@ -334,47 +332,29 @@ def build_volume_sr(
     groups = [
         _measurement_group(seg, segments[m.segment_number], m, algorithm) for m in measurements
     ]
-    device_observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=provenance.device_uid,
-            name=_lo(provenance.name),
-            manufacturer_name=_lo(provenance.manufacturer),
-            model_name=_lo(provenance.name),
-        ),
-    )
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=device_observer),
-        procedure_reported=procedure_reported or _DEFAULT_PROCEDURE,
+        observation_context=device_observation_context(provenance),
+        procedure_reported=procedure_reported or DEFAULT_PROCEDURE,
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
-        referenced_images=[_library_entry(src) for src in library],
+        referenced_images=[library_entry(src) for src in library],
     )
-    equipment = _contributing_equipment(provenance, when, "AI segment volumes")
-    previous_versions = None
-    if predecessor is not None:
-        previous = Dataset()
-        previous.StudyInstanceUID = predecessor.study_instance_uid
-        previous.SeriesInstanceUID = predecessor.series_instance_uid
-        previous.SOPClassUID = predecessor.sop_class_uid
-        previous.SOPInstanceUID = predecessor.sop_instance_uid
-        previous_versions = [previous]
-
-    with _no_phi_warnings():
+    equipment = contributing_equipment(provenance, when, "AI segment volumes")
+    with no_phi_warnings():
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[*_completed_sources(ordered, frame_of_reference=False), seg],
+            evidence=[*completed_sources(ordered, frame_of_reference=False), seg],
             content=report,
             series_instance_uid=series_instance_uid,
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
             instance_number=instance_number,
-            manufacturer=_lo(provenance.manufacturer),
-            manufacturer_model_name=_lo(provenance.name),
-            software_versions=_lo(provenance.version),
+            manufacturer=lo(provenance.manufacturer),
+            manufacturer_model_name=lo(provenance.name),
+            software_versions=lo(provenance.version),
             is_complete=True,
             is_final=False,
             is_verified=False,
-            previous_versions=previous_versions,
+            previous_versions=previous_versions(predecessor),
             contributing_equipment=[equipment],
             series_description=series_description_for(provenance),
             content_date=when.date(),
@@ -382,7 +362,7 @@ def build_volume_sr(
             series_date=when.date(),
             series_time=when.time(),
         )
-    _pin_creation_time(sr, equipment)
+    pin_creation_time(sr, equipment)
     return sr
 
 
@@ -396,14 +376,14 @@ def write_volume_sr_and_read_back(sr: Dataset, path: Path) -> hd.sr.Comprehensiv
     """
     path = Path(path)
     expected = len(sr.ContentSequence[-1].ContentSequence) if "ContentSequence" in sr else 0
-    _write_durably(sr, path)
-    try:
+    write_dataset_durably(sr, path)
+    with removed_on_failure(path):
         try:
             back = hd.sr.srread(path)
             content = back.content
         except Exception as exc:
             raise ValueError(f"SR file does not read back: {type(exc).__name__}") from exc
-        _check_identity(back, sr, "SR")
+        check_identity(back, sr, "SR")
         if not isinstance(back, hd.sr.Comprehensive3DSR) or not isinstance(
             content, hd.sr.MeasurementReport
         ):
@@ -411,7 +391,4 @@ def write_volume_sr_and_read_back(sr: Dataset, path: Path) -> hd.sr.Comprehensiv
         groups = content.get_volumetric_roi_measurement_groups()
         if not groups or len(groups) != expected:
             raise ValueError("SR read back lacks its volumetric measurement groups")
-    except Exception:
-        path.unlink(missing_ok=True)
-        raise
     return back

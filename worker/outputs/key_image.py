@@ -10,15 +10,12 @@ a FHIR DiagnosticReport's presentedForm.
 The caption never contains patient data. Burned In Annotation keeps its DICOM meaning
 ("enough burned-in text to identify the patient"): it is copied from the source, since the
 caption adds nothing identifying; the overlay itself is stated by Image Type, Derivation
-Description and the Source Image Sequence.
+Description and the Source Image Sequence. The pixel work (window, outline, caption, PNG)
+is in :mod:`worker.outputs.key_image_render`.
 """
 
 from __future__ import annotations
 
-import math
-import struct
-import zlib
-from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -26,28 +23,27 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
-from scipy import ndimage
 
 from models.provenance import ModelProvenance
-from worker.outputs.dicom_seg import (
-    _check_identity,
-    _check_output_uids,
-    _completed_sources,
-    _contributing_equipment,
-    _no_phi_warnings,
-    _pin_creation_time,
-    _write_durably,
-)
-from worker.outputs.dicom_sr import (
-    _DEMO_NOTE,
-    ClassificationFinding,
-    _derived_uid,
-    _lo,
+from worker.outputs.dicom_common import (
+    DEMO_NOTE,
+    check_identity,
+    check_numbers,
+    check_output_uids,
+    completed_sources,
+    contributing_equipment,
+    derived_uid,
+    lo,
+    no_phi_warnings,
+    pin_creation_time,
     series_description_for,
+    write_dataset_durably,
 )
+from worker.outputs.dicom_sr import ClassificationFinding
+from worker.outputs.files import removed_on_failure
+from worker.outputs.key_image_render import render_key_image, rgb_png
 
 __all__ = [
     "SECONDARY_CAPTURE_STORAGE",
@@ -63,11 +59,6 @@ SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 #: (121322, DCM, "Source image for image processing operation"): purpose of the reference
 #: from the key image to the image it was rendered from.
 _SOURCE_PURPOSE = codes.DCM.SourceImageForImageProcessingOperation
-_SOFT_TISSUE_WINDOW = (40.0, 400.0)  # (center, width) HU: shows the liver against fat
-_MAX_SIDE = 1024  # larger sources are reduced: a key image is for viewing, not measuring
-_MIN_SIDE = 256  # smaller ones are enlarged so that the caption stays readable
-_OUTLINE_RGB = (255, 255, 0)
-_TEXT_RGB = "#ffff00"
 _SINGLE_LETTERS = ("L", "P")
 
 
@@ -84,119 +75,10 @@ def key_slice_index(mask: np.ndarray) -> int:
     return int(np.argmax(areas))
 
 
-def _window(source: Dataset, values: np.ndarray) -> tuple[float, float]:
-    if str(source.get("Modality", "")) == "CT":
-        return _SOFT_TISSUE_WINDOW
-    center, width = source.get("WindowCenter"), source.get("WindowWidth")
-    if center not in (None, "") and width not in (None, ""):
-        first_center = float(center[0] if isinstance(center, Sequence) else center)
-        first_width = float(width[0] if isinstance(width, Sequence) else width)
-        if first_width > 1:
-            return first_center, first_width
-    low, high = np.percentile(values, [0.5, 99.5])
-    return float(low + high) / 2.0, max(float(high - low), 1.0)
-
-
-def _display(source: Dataset, window: tuple[float, float] | None) -> np.ndarray:
-    """Return the source as 8-bit display grayscale (modality LUT, window, polarity)."""
-    if "PixelData" not in source:
-        raise ValueError("the source image has no pixel data")
-    if int(source.get("SamplesPerPixel", 1)) != 1 or int(source.get("NumberOfFrames", 1)) != 1:
-        raise ValueError("the source must be a single-frame grayscale image")
-    values = np.asarray(apply_modality_lut(source.pixel_array, source), dtype=np.float64)
-    center, width = window or _window(source, values)
-    if not (math.isfinite(center) and math.isfinite(width) and width > 0):
-        raise ValueError("the display window must have a finite center and positive width")
-    scaled = np.clip((values - (center - width / 2.0)) / width, 0.0, 1.0)
-    if str(source.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        scaled = 1.0 - scaled
-    return np.round(scaled * 255.0).astype(np.uint8)
-
-
-def _resize(gray: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Reduce by block means (mask: block max) or enlarge by pixel repetition."""
-    rows, columns = gray.shape
-    reduce = math.ceil(max(rows, columns) / _MAX_SIDE)
-    if reduce > 1:
-        r, c = rows // reduce, columns // reduce
-        blocks = (r, reduce, c, reduce)
-        gray = gray[: r * reduce, : c * reduce].reshape(blocks).mean(axis=(1, 3))
-        gray = np.round(gray).astype(np.uint8)
-        if mask is not None:
-            mask = mask[: r * reduce, : c * reduce].reshape(blocks).max(axis=(1, 3))
-        return gray, mask
-    enlarge = max(1, _MIN_SIDE // max(rows, columns))
-    if enlarge > 1:
-        gray = np.kron(gray, np.ones((enlarge, enlarge), dtype=np.uint8))
-        if mask is not None:
-            mask = np.kron(mask, np.ones((enlarge, enlarge), dtype=mask.dtype))
-    return gray, mask
-
-
-def _burn_outline(rgb: np.ndarray, mask: np.ndarray) -> None:
-    thickness = max(1, round(min(mask.shape) / 256))
-    inside = mask.astype(bool)
-    edge = inside & ~ndimage.binary_erosion(inside, iterations=thickness, border_value=0)
-    rgb[edge] = _OUTLINE_RGB
-
-
-def _burn_caption(rgb: np.ndarray, lines: Sequence[str]) -> np.ndarray:
-    """Draw ``lines`` top left on a dark box (matplotlib Agg) and blend them into ``rgb``."""
-    # Imported here: matplotlib is only needed to render, not to import this module.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows, columns = rgb.shape[:2]
-    dpi = 72.0  # one point is one pixel
-    figure = Figure(figsize=(columns / dpi, rows / dpi), dpi=dpi)
-    figure.patch.set_alpha(0.0)
-    canvas = FigureCanvasAgg(figure)
-    size = max(9.0, min(rows, columns) / 30.0)
-    text = figure.text(
-        6.0 / columns,
-        1.0 - 6.0 / rows,
-        "\n".join(lines),
-        ha="left",
-        va="top",
-        fontsize=size,
-        family="DejaVu Sans",
-        color=_TEXT_RGB,
-        bbox={"facecolor": "black", "alpha": 0.65, "edgecolor": "none", "pad": size / 4},
-    )
-    canvas.draw()
-    width = text.get_window_extent(canvas.get_renderer()).width
-    if width > columns - 12:  # shrink a caption that is wider than the image
-        text.set_fontsize(max(5.0, size * (columns - 12) / width))
-        canvas.draw()
-    overlay = np.asarray(canvas.buffer_rgba(), dtype=np.float64)[:rows, :columns]
-    alpha = overlay[..., 3:] / 255.0
-    blended = rgb[: overlay.shape[0], : overlay.shape[1]] * (1.0 - alpha)
-    blended += overlay[..., :3] * alpha
-    out = rgb.copy()
-    out[: overlay.shape[0], : overlay.shape[1]] = np.round(blended).astype(np.uint8)
-    return out
-
-
-def _render(
-    source: Dataset,
-    mask: np.ndarray | None,
-    lines: Sequence[str],
-    window: tuple[float, float] | None,
-) -> np.ndarray:
-    gray = _display(source, window)
-    if mask is not None and mask.shape != gray.shape:
-        raise ValueError(f"mask slice shape {mask.shape} differs from the image {gray.shape}")
-    gray, mask = _resize(gray, mask)
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    if mask is not None:
-        _burn_outline(rgb, mask)
-    return _burn_caption(rgb, lines)
-
-
 def _provenance_lines(provenance: ModelProvenance) -> list[str]:
     lines = [f"Model {provenance.name} {provenance.version}", "AI-generated - UNVERIFIED"]
     if provenance.demo:
-        lines.append(_DEMO_NOTE)
+        lines.append(DEMO_NOTE)
     return lines
 
 
@@ -244,18 +126,17 @@ def _secondary_capture(
         provenance.device_uid,
         provenance.weights_sha256,
     )
-    series_instance_uid = series_instance_uid or _derived_uid(*key, "series")
-    sop_instance_uid = sop_instance_uid or _derived_uid(*key, "instance")
-    _check_output_uids([source], series_instance_uid, sop_instance_uid)
-    if not 1 <= series_number <= 2**31 - 1 or not 1 <= instance_number <= 2**31 - 1:
-        raise ValueError("series_number and instance_number must be positive integers")
+    series_instance_uid = series_instance_uid or derived_uid(*key, "series")
+    sop_instance_uid = sop_instance_uid or derived_uid(*key, "instance")
+    check_output_uids([source], series_instance_uid, sop_instance_uid, "key image")
+    check_numbers(series_number, instance_number)
 
     when = content_datetime or datetime.now()
-    equipment = _contributing_equipment(provenance, when, f"AI key image ({what})")
+    equipment = contributing_equipment(provenance, when, f"AI key image ({what})")
     orientation = _patient_orientation(source)
-    with _no_phi_warnings():
+    with no_phi_warnings():
         image = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=_completed_sources([source], frame_of_reference=False)[0],
+            ref_dataset=completed_sources([source], frame_of_reference=False)[0],
             pixel_array=rgb,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
@@ -266,12 +147,12 @@ def _secondary_capture(
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
             instance_number=instance_number,
-            manufacturer=_lo(provenance.manufacturer),
+            manufacturer=lo(provenance.manufacturer),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[equipment],
             series_description=series_description_for(provenance),
-            manufacturer_model_name=_lo(provenance.name),
-            software_versions=_lo(provenance.version),
+            manufacturer_model_name=lo(provenance.name),
+            software_versions=lo(provenance.version),
             device_serial_number=provenance.weights_sha256,
             content_date=when.date(),
             content_time=when.time(),
@@ -281,7 +162,7 @@ def _secondary_capture(
     # Oblique images have several letters per direction; unknown orientation is empty.
     image.PatientOrientation = list(orientation) if orientation else []
     image.ImageType = ["DERIVED", "SECONDARY"]
-    image.DerivationDescription = _lo(f"AI {what} burned into the source image")
+    image.DerivationDescription = lo(f"AI {what} burned into the source image")
     image.ConversionType = "WSD"  # rendered on a workstation, not digitized
     # General Series Laterality is Type 2C (paired body parts): mirror the source. A
     # source with a body part but no laterality says the part is unpaired; without a
@@ -303,7 +184,7 @@ def _secondary_capture(
         )
     ]
     image.SourceImageSequence = [reference]
-    _pin_creation_time(image, equipment)
+    pin_creation_time(image, equipment)
     return image
 
 
@@ -336,7 +217,7 @@ def build_segmentation_key_image(
     heading = f"AI segmentation: {label} (outline)"
     if volume_ml is not None:
         heading += f" - volume {float(volume_ml):.0f} mL"
-    rgb = _render(
+    rgb = render_key_image(
         source, mask_slice.astype(bool), [heading, *_provenance_lines(provenance)], window
     )
     return _secondary_capture(
@@ -372,7 +253,7 @@ def build_classification_key_image(
     heading = (
         f"AI finding: {finding.label.code_meaning} (probability {float(finding.probability):.2f})"
     )
-    rgb = _render(source, None, [heading, *_provenance_lines(provenance)], window)
+    rgb = render_key_image(source, None, [heading, *_provenance_lines(provenance)], window)
     return _secondary_capture(
         source,
         rgb,
@@ -391,23 +272,7 @@ def key_image_png(image: Dataset) -> bytes:
     pixels = np.asarray(image.pixel_array)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ValueError("key_image_png needs an 8-bit RGB single-frame image")
-    rows, columns = pixels.shape[:2]
-    # Each PNG scanline starts with its filter type (0: none).
-    scanlines = np.concatenate(
-        [np.zeros((rows, 1), dtype=np.uint8), pixels.reshape(rows, columns * 3)], axis=1
-    )
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", columns, rows, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6))
-        + chunk(b"IEND", b"")
-    )
+    return rgb_png(pixels)
 
 
 def write_key_image_and_read_back(image: Dataset, path: Path) -> Dataset:
@@ -419,17 +284,14 @@ def write_key_image_and_read_back(image: Dataset, path: Path) -> Dataset:
     path = Path(path)
     if str(image.get("SOPClassUID", "")) != SECONDARY_CAPTURE_STORAGE:
         raise ValueError("not a Secondary Capture Image Storage instance")
-    _write_durably(image, path)
-    try:
+    write_dataset_durably(image, path)
+    with removed_on_failure(path):
         try:
             back = pydicom.dcmread(path)
             shape = back.pixel_array.shape
         except Exception as exc:
             raise ValueError(f"key image does not read back: {type(exc).__name__}") from exc
-        _check_identity(back, image, "key image")
+        check_identity(back, image, "key image")
         if shape != (int(image.Rows), int(image.Columns), 3):
             raise ValueError("key image read back has a different size")
-    except Exception:
-        path.unlink(missing_ok=True)
-        raise
     return back
