@@ -196,6 +196,7 @@ def _work_report(
                 "last_status": d.last_status,
                 "last_error": d.last_error,
                 "sent_at": d.sent_at,
+                "response": d.response,
             }
             for d in deliveries
         ],

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from listeners.cli_models import evaluate_app, missing_demo_models, models_app, train_app
 from worker.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -26,20 +26,18 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 audit_app = typer.Typer(help="Read and verify the audit trail.", no_args_is_help=True)
-models_app = typer.Typer(help="Model directories.", no_args_is_help=True)
 rules_app = typer.Typer(help="Routing rules.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 app.add_typer(models_app, name="models")
+app.add_typer(train_app, name="train")
+app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(rules_app, name="rules")
 
 # Piped output (audit reports into a file or grep) is not cut to 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=240)
 err = Console(stderr=True)
 log = logging.getLogger("carebridge")
-
-CXR_MODEL = "cxr-resnet18"
-
 
 def _settings() -> Settings:
     try:
@@ -253,8 +251,7 @@ def worker(
 
 
 def _ensure_demo_models(settings: Settings) -> None:
-    card = settings.models_dir / CXR_MODEL / "model-card.json"
-    if card.exists():
+    if not missing_demo_models(settings.models_dir):
         return
     console.print("First run: training demo weights (generated data; a few minutes) ...")
     subprocess.run([sys.executable, "-m", "listeners.cli", "models", "demo"], check=True)
@@ -415,64 +412,6 @@ def send(
 
 
 # Models --------------------------------------------------------------------------------
-
-
-@models_app.command("list")
-def models_list() -> None:
-    """Show the model directories under MODELS_DIR and whether they load."""
-    from models.card import ModelLoadError, list_model_dirs, verify_weights
-
-    settings = _settings()
-    table = Table("directory", "name", "version", "task", "weights sha256", "demo", "status")
-    for path, card in list_model_dirs(settings.models_dir):
-        if isinstance(card, Exception):
-            table.add_row(path.name, "", "", "", "", "", f"[red]{card}[/red]")
-            continue
-        try:
-            verify_weights(path, card)
-            status = "ok"
-        except ModelLoadError as exc:
-            status = f"[red]refused: {exc}[/red]"
-        table.add_row(
-            path.name,
-            card.name,
-            card.version,
-            card.task,
-            card.weights.sha256[:16],
-            "yes" if card.demo else "no",
-            status,
-        )
-    console.print(table)
-
-
-@models_app.command("demo")
-def models_demo(
-    force: Annotated[bool, typer.Option(help="Retrain even when demo weights exist.")] = False,
-    images_per_class: Annotated[
-        int | None, typer.Option(help="Generated images per class.")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
-) -> None:
-    """Train demo weights for every pipeline on generated data (offline, idempotent)."""
-    from models.card import ModelLoadError, read_model_card, verify_weights
-    from models.cxr.train import train_demo
-
-    settings = _settings()
-    target = settings.models_dir / CXR_MODEL
-    if not force and (target / "model-card.json").exists():
-        try:
-            verify_weights(target, read_model_card(target))
-            console.print(f"{CXR_MODEL}: demo weights present ({target})")
-            return
-        except ModelLoadError as exc:
-            console.print(f"{CXR_MODEL}: existing weights refused ({exc}); retraining")
-    options: dict[str, Any] = {}
-    if images_per_class is not None:
-        options["images_per_class"] = images_per_class
-    if epochs is not None:
-        options["epochs"] = epochs
-    card = train_demo(target, progress=lambda line: console.print(line), **options)
-    console.print(f"{CXR_MODEL}: trained {card.version}; metrics {json.dumps(card.metrics)}")
 
 
 # Rules ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ os.environ.setdefault("TCP_NODELAY", "1")
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A MODELS_DIR with a small CXR model trained by `carebridge models demo`."""
+    """A MODELS_DIR with every pipeline's model, made small by `carebridge models demo`."""
     directory = tmp_path_factory.mktemp("models")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAREBRIDGE_")}
     env["CAREBRIDGE_MODELS_DIR"] = str(directory)
@@ -29,10 +29,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "listeners.cli",
             "models",
             "demo",
-            "--images-per-class",
-            "24",
-            "--epochs",
-            "2",
+            "--quick",
         ],
         env=env,
         check=True,

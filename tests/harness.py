@@ -153,6 +153,16 @@ class Carebridge:
         wait_for_port("127.0.0.1", self.dicom_port, timeout=60, proc=proc)
         return proc
 
+    @property
+    def fhir_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['CAREBRIDGE_FHIR_PORT']}"
+
+    def start_fhir(self) -> subprocess.Popen[bytes]:
+        """The FHIR webhook (``listen-fhir``); the sweeper runs in the DICOM listener."""
+        proc = self._spawn("fhir", "listen-fhir", "--log-level", "DEBUG")
+        wait_for_port("127.0.0.1", int(self.env["CAREBRIDGE_FHIR_PORT"]), timeout=60, proc=proc)
+        return proc
+
     def start_worker(self, queues: str = "gpu,cpu,deliver") -> subprocess.Popen[bytes]:
         proc = self._spawn("worker", "worker", "--queues", queues, "--log-level", "DEBUG")
         path = self.log_paths["worker"]

@@ -41,8 +41,13 @@ def make_celery(settings: Settings) -> Celery:
     elif settings.broker_url.startswith("redis"):
         # Unacked messages come back after this; the sweeper usually re-sends sooner.
         transport_options = {"visibility_timeout": 3600}
+    broker_url = settings.effective_broker_url
+    if broker_url == "filesystem://":
+        from worker.broker import ALIAS  # registers the atomic variant with kombu
+
+        broker_url = f"{ALIAS}://"
     app.conf.update(
-        broker_url=settings.effective_broker_url,
+        broker_url=broker_url,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=3,

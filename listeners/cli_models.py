@@ -1,0 +1,214 @@
+"""`carebridge models ...`, `carebridge train ...` and `carebridge evaluate ...`.
+
+Model code (torch, MONAI, transformers) is imported inside each command, so the other
+commands start fast and the listeners never load it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from worker.settings import Settings, SettingsError, load_settings
+
+models_app = typer.Typer(help="Model directories.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model; writes a model directory.", no_args_is_help=True)
+evaluate_app = typer.Typer(
+    help="Evaluate a model; writes a report into its directory.", no_args_is_help=True
+)
+
+console = Console() if sys.stdout.isatty() else Console(width=240)
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        err.print(f"[red]carebridge: {exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _print_report(report: dict[str, Any], path: Path | None) -> None:
+    console.print_json(json.dumps(report, default=str))
+    if path is not None:
+        console.print(f"report written to {path}")
+
+
+# Demo models ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A pipeline's demo model: its directory under MODELS_DIR and how to make it."""
+
+    key: str
+    directory: str
+    description: str
+    make: Callable[[Path, bool, dict[str, Any]], str]  # (target, quick, options) -> summary
+
+
+def _make_cxr(target: Path, quick: bool, options: dict[str, Any]) -> str:
+    from models.cxr.train import train_demo
+
+    if quick:
+        options = {"images_per_class": 24, "epochs": 2, **options}
+    card = train_demo(target, progress=lambda line: console.print(line), **options)
+    return f"trained {card.version}; metrics {json.dumps(card.metrics)}"
+
+
+def _make_risk(target: Path, quick: bool, options: dict[str, Any]) -> str:
+    from models.card import read_model_card
+    from models.risk.train import train_demo
+
+    if quick:
+        train_demo(target, n_patients=6000, epochs=4)
+    else:
+        train_demo(target)
+    card = read_model_card(target)
+    return f"trained {card.version}; metrics {json.dumps(card.metrics)}"
+
+
+def _make_treatment(target: Path, quick: bool, options: dict[str, Any]) -> str:
+    from models.card import read_model_card
+    from models.treatment import build_model_dir
+
+    build_model_dir(target)
+    card = read_model_card(target)
+    return f"evidence table {card.version} ({len(card.labels)} therapies)"
+
+
+DEMO_MODELS: dict[str, DemoModel] = {
+    model.key: model
+    for model in (
+        DemoModel("cxr", "cxr-resnet18", "chest X-ray classifier (generated images)", _make_cxr),
+        DemoModel("risk", "risk-mlp", "risk MLP (cohort simulated from the PCE)", _make_risk),
+        DemoModel("treatment", "treatment-evidence", "biomarker evidence table", _make_treatment),
+    )
+}
+
+
+def missing_demo_models(models_dir: Path) -> list[str]:
+    """Keys of the demo models whose directory is absent under ``models_dir``."""
+    return [
+        key
+        for key, model in DEMO_MODELS.items()
+        if not (models_dir / model.directory / "model-card.json").exists()
+    ]
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the model directories under MODELS_DIR and whether they load."""
+    from models.card import ModelLoadError, list_model_dirs, verify_weights
+
+    settings = _settings()
+    table = Table("directory", "name", "version", "task", "weights sha256", "demo", "status")
+    for path, card in list_model_dirs(settings.models_dir):
+        if isinstance(card, Exception):
+            table.add_row(path.name, "", "", "", "", "", f"[red]{card}[/red]")
+            continue
+        try:
+            verify_weights(path, card)
+            status = "ok"
+        except ModelLoadError as exc:
+            status = f"[red]refused: {exc}[/red]"
+        table.add_row(
+            path.name,
+            card.name,
+            card.version,
+            card.task,
+            card.weights.sha256[:16],
+            "yes" if card.demo else "no",
+            status,
+        )
+    console.print(table)
+
+
+@models_app.command("demo")
+def models_demo(
+    only: Annotated[
+        str | None,
+        typer.Option(help=f"Comma-separated subset of: {', '.join(DEMO_MODELS)}."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even when the model exists.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="Tiny training runs (tests, smoke checks): not demo quality.")
+    ] = False,
+    images_per_class: Annotated[
+        int | None, typer.Option(help="cxr: generated images per class.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="cxr: training epochs.")] = None,
+) -> None:
+    """Prepare demo weights for every pipeline in MODELS_DIR (offline, idempotent)."""
+    from models.card import ModelLoadError, read_model_card, verify_weights
+
+    settings = _settings()
+    keys = [k.strip() for k in only.split(",")] if only else list(DEMO_MODELS)
+    unknown = [k for k in keys if k not in DEMO_MODELS]
+    if unknown:
+        err.print(f"[red]unknown demo models {unknown}; choose from {list(DEMO_MODELS)}[/red]")
+        raise typer.Exit(2)
+    cxr_options: dict[str, Any] = {}
+    if images_per_class is not None:
+        cxr_options["images_per_class"] = images_per_class
+    if epochs is not None:
+        cxr_options["epochs"] = epochs
+    for key in keys:
+        model = DEMO_MODELS[key]
+        target = settings.models_dir / model.directory
+        if not force and (target / "model-card.json").exists():
+            try:
+                verify_weights(target, read_model_card(target))
+                console.print(f"{model.directory}: present ({target})")
+                continue
+            except ModelLoadError as exc:
+                console.print(f"{model.directory}: existing weights refused ({exc}); rebuilding")
+        console.print(f"{model.directory}: {model.description} ...")
+        summary = model.make(target, quick, cxr_options if key == "cxr" else {})
+        console.print(f"{model.directory}: {summary}")
+
+
+# Training and evaluation ---------------------------------------------------------------
+
+
+@train_app.command("risk")
+def train_risk(
+    out: Annotated[Path, typer.Option(help="Model directory to write.")],
+    patients: Annotated[int, typer.Option(help="Simulated cohort size.")] = 80000,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the risk MLP on a cohort simulated from the published equations."""
+    from models.risk.train import train_demo
+
+    train_demo(out, seed=seed, n_patients=patients, epochs=epochs)
+    console.print(f"model directory written: {out}")
+
+
+@evaluate_app.command("risk")
+def evaluate_risk(
+    model_dir: Annotated[Path, typer.Argument(help="The risk model directory.")],
+    patients: Annotated[int, typer.Option(help="Held-out simulated patients.")] = 20000,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out cohort.")] = 1,
+    missing_rate: Annotated[
+        float, typer.Option(help="Fraction of features hidden, to see the effect.")
+    ] = 0.0,
+) -> None:
+    """AUC and calibration of the risk model against the equations, on held-out patients."""
+    from models.risk.train import evaluate
+
+    report = evaluate(model_dir, n_patients=patients, seed=seed, missing_rate=missing_rate)
+    data = report.to_dict()
+    path = model_dir / "evaluation" / "report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    _print_report(data, path)

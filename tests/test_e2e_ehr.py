@@ -1,0 +1,336 @@
+"""The EHR side end to end, against a real FHIR R4 server (medplum's router on node) that
+requires SMART Backend Services tokens: events POSTed to carebridge's webhook come back to
+the EHR as RiskAssessment and CarePlan, found with FHIR searches; the EHR's CDS Hooks call
+gets a card; the audit trail tells what came in and what the EHR accepted."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.fhir_peer import FhirServerPeer, TokenEndpoint
+from tests.harness import Carebridge, wait_until
+
+pytestmark = pytest.mark.slow
+
+WEBHOOK_TOKEN = "e2e-webhook-token"
+CLIENT_ID = "carebridge-e2e"
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+PHI_NAME = "Quillon^Zaphod"  # must never reach a log
+
+
+@pytest.fixture(scope="module")
+def smart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TokenEndpoint, Path]]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path = tmp_path_factory.mktemp("smart") / "client-key.pem"
+    path.write_bytes(pem)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with TokenEndpoint() as endpoint:
+        endpoint.register(CLIENT_ID, public)
+        yield endpoint, path
+
+
+@pytest.fixture(scope="module")
+def ehr(
+    tmp_path_factory: pytest.TempPathFactory, smart: tuple[TokenEndpoint, Path]
+) -> Iterator[FhirServerPeer]:
+    endpoint, _ = smart
+    with FhirServerPeer(
+        tmp_path_factory.mktemp("ehr"),
+        require_auth=True,
+        token_secret=endpoint.secret,
+        token_url=endpoint.url,
+    ) as server:
+        yield server
+
+
+def deployment(
+    root: Path, models_dir: Path, ehr: FhirServerPeer, key: Path, **settings: Any
+) -> Carebridge:
+    return Carebridge(
+        root,
+        models_dir,
+        ehr_base_url=ehr.base_url,
+        ehr_client_id=CLIENT_ID,
+        ehr_private_key=key,
+        webhook_token=WEBHOOK_TOKEN,
+        patient_stable_seconds=1,
+        delivery_backoff_seconds=0.5,
+        requeue_after_seconds=2,
+        **settings,
+    )
+
+
+def quantity(patient: str, code: str, value: float, unit: str, ucum: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": patient},
+        "effectiveDateTime": "2026-11-20T09:00:00Z",
+        "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": ucum},
+    }
+
+
+def egfr_l858r(patient: str) -> dict[str, Any]:
+    def component(code: str, coding: dict[str, str]) -> dict[str, Any]:
+        return {
+            "code": {"coding": [{"system": LOINC, "code": code}]},
+            "valueCodeableConcept": {"coding": [coding]},
+        }
+
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "69548-6"}]},
+        "subject": {"reference": patient},
+        "valueCodeableConcept": {"coding": [{"system": LOINC, "code": "LA9633-4"}]},
+        "component": [
+            component(
+                "48018-6",
+                {
+                    "system": "http://www.genenames.org/geneId",
+                    "code": "HGNC:3236",
+                    "display": "EGFR",
+                },
+            ),
+            component("48005-3", {"system": "http://varnomen.hgvs.org", "code": "p.Leu858Arg"}),
+        ],
+    }
+
+
+def nsclc(patient: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Condition",
+        "code": {
+            "coding": [
+                {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "C34.90"},
+                {"system": "http://snomed.info/sct", "code": "254637007"},
+            ]
+        },
+        "subject": {"reference": patient},
+    }
+
+
+def post_to_carebridge(carebridge: Carebridge, resources: list[dict[str, Any]]) -> list[str]:
+    """POST a collection Bundle to the webhook; the event ids of the 202."""
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": resource} for resource in resources],
+    }
+    response = httpx.post(
+        f"{carebridge.fhir_url}/fhir",
+        content=json.dumps(bundle),
+        headers={
+            "Content-Type": "application/fhir+json",
+            "Authorization": f"Bearer {WEBHOOK_TOKEN}",
+        },
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    return [issue["details"]["coding"][0]["code"] for issue in response.json()["issue"]]
+
+
+def the_ehr_has(ehr: FhirServerPeer, resource_type: str, patient: str) -> list[dict[str, Any]]:
+    return ehr.search(resource_type, subject=patient)
+
+
+def test_clinical_events_come_back_to_the_ehr_as_fhir_results(
+    tmp_path: Path,
+    models_dir: Path,
+    ehr: FhirServerPeer,
+    smart: tuple[TokenEndpoint, Path],
+) -> None:
+    endpoint, key = smart
+    # The EHR holds the patient and their data; it sends carebridge what it has.
+    patient = ehr.create(
+        {
+            "resourceType": "Patient",
+            "name": [{"family": PHI_NAME.split("^")[0], "given": [PHI_NAME.split("^")[1]]}],
+            "gender": "female",
+            "birthDate": "1961-05-14",
+        }
+    )
+    reference = f"Patient/{patient['id']}"
+    sent = [
+        patient,
+        *(
+            ehr.create(resource)
+            for resource in (
+                quantity(reference, "8480-6", 148, "mmHg", "mm[Hg]"),
+                quantity(reference, "8462-4", 91, "mmHg", "mm[Hg]"),
+                quantity(reference, "2093-3", 241, "mg/dL", "mg/dL"),
+                quantity(reference, "2085-9", 44, "mg/dL", "mg/dL"),
+                quantity(reference, "39156-5", 29.4, "kg/m2", "kg/m2"),
+                nsclc(reference),
+                egfr_l858r(reference),
+            )
+        ),
+    ]
+    with deployment(tmp_path / "cb", models_dir, ehr, key) as carebridge:
+        carebridge.start()
+        carebridge.start_fhir()
+        events = post_to_carebridge(carebridge, sent)
+        assert len(events) == len(sent)
+
+        wait_until(
+            lambda: (
+                the_ehr_has(ehr, "RiskAssessment", reference)
+                and the_ehr_has(ehr, "CarePlan", reference)
+            ),
+            timeout=120,
+            what="a RiskAssessment and a CarePlan in the EHR",
+        )
+        (assessment,) = the_ehr_has(ehr, "RiskAssessment", reference)
+        assert assessment["status"] == "preliminary"
+        outcomes = {p["outcome"]["coding"][0]["code"]: p for p in assessment["prediction"]}
+        assert set(outcomes) == {"49601007", "73211009"}
+        assert all(0 < p["probabilityDecimal"] < 1 for p in outcomes.values())
+        basis = {b["reference"] for b in assessment["basis"]}
+        assert {f"Observation/{r['id']}" for r in sent[1:6]} <= basis
+        device = ehr.read(*assessment["performer"]["reference"].split("/"))
+        assert device["resourceType"] == "Device" and device["version"]
+        (careplan,) = the_ehr_has(ehr, "CarePlan", reference)
+        assert (careplan["status"], careplan["intent"]) == ("draft", "proposal")
+        products = json.dumps([a["detail"]["productCodeableConcept"] for a in careplan["activity"]])
+        assert "osimertinib" in products.lower()
+        provenances = ehr.search("Provenance", target=f"RiskAssessment/{assessment['id']}")
+        assert len(provenances) == 1
+
+        # The EHR's CDS Hooks call gets a card for the same suggestion.
+        cards = httpx.post(
+            f"{carebridge.fhir_url}/cds-services/carebridge-treatment",
+            json={
+                "hook": "patient-view",
+                "hookInstance": "e2e",
+                "context": {"patientId": patient["id"], "userId": "Practitioner/1"},
+            },
+            headers={"Authorization": f"Bearer {WEBHOOK_TOKEN}"},
+            timeout=30,
+        ).json()["cards"]
+        assert "osimertinib" in cards[0]["summary"].lower()
+
+        # The audit trail: what came in, what was made, whether the EHR took it.
+        report = carebridge.audit_show(reference)
+        assert len(report["resources"]) == len(sent)
+        assert {r["pipeline"] for r in report["results"]} == {
+            "risk-scoring",
+            "treatment-suggestion",
+        }
+        assert all(d["status"] == "sent" for d in report["deliveries"])
+        assert all(
+            entry["status"].startswith("201")
+            for d in report["deliveries"]
+            for entry in d["response"]["entries"]
+        )
+        types = [e["type"] for e in report["events"]]
+        assert "fhir.event_processed" in types and "delivery.sent" in types
+        assert carebridge.cli("audit", "verify").returncode == 0
+        assert endpoint.requests_of(CLIENT_ID)  # SMART Backend Services tokens were used
+        carebridge.stop()
+        logs = carebridge.logs()
+    assert PHI_NAME.split("^")[0] not in logs and "1961-05-14" not in logs
+
+
+def test_ehr_down_then_back_each_result_lands_once(
+    tmp_path: Path,
+    models_dir: Path,
+    ehr: FhirServerPeer,
+    smart: tuple[TokenEndpoint, Path],
+) -> None:
+    _, key = smart
+    reference = "Patient/down-then-back"
+    resources = [
+        {
+            "resourceType": "Patient",
+            "id": "down-then-back",
+            "gender": "male",
+            "birthDate": "1958-01-01",
+        },
+        {**quantity(reference, "8480-6", 162, "mmHg", "mm[Hg]"), "id": "sbp-1"},
+        {**quantity(reference, "2093-3", 250, "mg/dL", "mg/dL"), "id": "chol-1"},
+    ]
+    with deployment(tmp_path / "cb", models_dir, ehr, key) as carebridge:
+        carebridge.start()
+        carebridge.start_fhir()
+        ehr.stop()
+        try:
+            post_to_carebridge(carebridge, resources)
+            wait_until(
+                lambda: (
+                    carebridge.scalar(
+                        "select count(*) from deliveries where attempts >= 2 and status = 'pending'"
+                    )
+                    == 1
+                ),
+                timeout=120,
+                what="a delivery retried while the EHR is down",
+            )
+        finally:
+            ehr.start()
+        wait_until(
+            lambda: carebridge.scalar("select status from deliveries") == "sent",
+            timeout=120,
+            what="the delivery to be sent once the EHR is back",
+        )
+        (assessment,) = ehr.search("RiskAssessment", subject=reference)
+        identifier = assessment["identifier"][0]
+        assert (
+            len(
+                ehr.search(
+                    "RiskAssessment", identifier=f"{identifier['system']}|{identifier['value']}"
+                )
+            )
+            == 1
+        )
+        report = carebridge.audit_show(reference)
+        (delivery,) = report["deliveries"]
+        assert delivery["attempts"] >= 2
+        assert "delivery.retry" in [e["type"] for e in report["events"]]
+
+
+def test_webhook_killed_right_after_its_202_the_event_is_still_processed(
+    tmp_path: Path,
+    models_dir: Path,
+    ehr: FhirServerPeer,
+    smart: tuple[TokenEndpoint, Path],
+) -> None:
+    _, key = smart
+    reference = "Patient/killed-after-202"
+    resources = [
+        {
+            "resourceType": "Patient",
+            "id": "killed-after-202",
+            "gender": "female",
+            "birthDate": "1970-07-07",
+        },
+        {**quantity(reference, "8480-6", 139, "mmHg", "mm[Hg]"), "id": "sbp-k"},
+    ]
+    with deployment(tmp_path / "cb", models_dir, ehr, key) as carebridge:
+        carebridge.start()
+        carebridge.start_fhir()
+        post_to_carebridge(carebridge, resources)
+        carebridge.kill("fhir", signal.SIGKILL)
+        wait_until(
+            lambda: ehr.search("RiskAssessment", subject=reference),
+            timeout=120,
+            what="the RiskAssessment of events taken before the kill",
+        )
+        assert carebridge.scalar("select count(*) from fhir_events where status = 'processed'") == 2
