@@ -148,6 +148,52 @@ def post_to_carebridge(carebridge: Carebridge, resources: list[dict[str, Any]]) 
     return [issue["details"]["coding"][0]["code"] for issue in response.json()["issue"]]
 
 
+def notify(carebridge: Carebridge, focus: str) -> None:
+    """An R4 backport id-only event-notification naming ``focus``."""
+    parameters = [
+        {"name": "subscription", "valueReference": {"reference": "Subscription/vitals"}},
+        {"name": "topic", "valueCanonical": "http://example.org/topic/vitals"},
+        {"name": "status", "valueCode": "active"},
+        {"name": "type", "valueCode": "event-notification"},
+        {"name": "events-since-subscription-start", "valueString": "1"},
+        {
+            "name": "notification-event",
+            "part": [
+                {"name": "event-number", "valueString": "1"},
+                {"name": "focus", "valueReference": {"reference": focus}},
+            ],
+        },
+    ]
+    profile = (
+        "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
+        "backport-subscription-status-r4"
+    )
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "history",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:3f1c2f8e-6a4b-4c1e-9a0d-5b7e2c9d1a42",
+                "resource": {
+                    "resourceType": "Parameters",
+                    "meta": {"profile": [profile]},
+                    "parameter": parameters,
+                },
+            }
+        ],
+    }
+    response = httpx.post(
+        f"{carebridge.fhir_url}/fhir/notify",
+        content=json.dumps(bundle),
+        headers={
+            "Content-Type": "application/fhir+json",
+            "Authorization": f"Bearer {WEBHOOK_TOKEN}",
+        },
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+
+
 def the_ehr_has(ehr: FhirServerPeer, resource_type: str, patient: str) -> list[dict[str, Any]]:
     return ehr.search(resource_type, subject=patient)
 
@@ -244,6 +290,29 @@ def test_clinical_events_come_back_to_the_ehr_as_fhir_results(
         assert "fhir.event_processed" in types and "delivery.sent" in types
         assert carebridge.cli("audit", "verify").returncode == 0
         assert endpoint.requests_of(CLIENT_ID)  # SMART Backend Services tokens were used
+
+        # An id-only Subscription notification: carebridge reads the resource from the EHR,
+        # and the new blood pressure gives a second assessment based on it.
+        newer = ehr.create(quantity(reference, "8480-6", 122, "mmHg", "mm[Hg]"))
+        notify(carebridge, f"{ehr.base_url}/Observation/{newer['id']}")
+        wait_until(
+            lambda: len(the_ehr_has(ehr, "RiskAssessment", reference)) == 2,
+            timeout=120,
+            what="a second RiskAssessment from the id-only notification",
+        )
+        bases = [
+            {b["reference"] for b in a["basis"]}
+            for a in the_ehr_has(ehr, "RiskAssessment", reference)
+        ]
+        assert any(f"Observation/{newer['id']}" in basis for basis in bases)
+        processed = [
+            e["detail"]
+            for e in carebridge.audit_show(reference)["events"]
+            if e["type"] == "fhir.event_processed"
+        ]
+        assert any(
+            d["fetched"] and d["resource"] == f"Observation/{newer['id']}" for d in processed
+        )
         carebridge.stop()
         logs = carebridge.logs()
     assert PHI_NAME.split("^")[0] not in logs and "1961-05-14" not in logs
