@@ -19,6 +19,10 @@ def get_pipeline(name: str) -> Pipeline:
         from worker.pipelines.cxr import run_cxr_classification
 
         return run_cxr_classification
+    if name == "liver-segmentation":
+        from worker.pipelines.liver import run_liver_segmentation
+
+        return run_liver_segmentation
     if name == "risk-scoring":
         from worker.pipelines.risk import run_risk_scoring
 
