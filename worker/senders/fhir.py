@@ -306,6 +306,29 @@ class FhirClient:
             )
         return resource
 
+    def subscription_events(
+        self, subscription_id: str, since: int, until: int
+    ) -> dict[str, Any]:
+        """The Subscriptions backport ``$events`` operation: notifications ``since``..``until``
+        (event numbers, inclusive) as a notification Bundle with full resources.
+
+        A server without the operation answers 400/404/501: a permanent
+        :class:`FhirDeliveryError`, and the caller falls back to a search.
+        """
+        check_resource_id(subscription_id)
+        url = self._base.copy_with(path=self._path("Subscription", subscription_id, "$events"))
+        response = self._send(
+            "GET",
+            url,
+            params={
+                "eventsSinceNumber": str(since),
+                "eventsUntilNumber": str(until),
+                "content": "full-resource",
+            },
+        )
+        self._raise_for_status(response, "$events of a Subscription")
+        return self._json(response, "$events of a Subscription")
+
     def search(
         self, resource_type: str, params: SearchParams | None = None
     ) -> list[dict[str, Any]]:
