@@ -77,6 +77,18 @@ def _make_risk(target: Path, quick: bool, options: dict[str, Any]) -> str:
     return f"trained {card.version}; metrics {json.dumps(card.metrics)}"
 
 
+def _make_symptoms(target: Path, quick: bool, options: dict[str, Any]) -> str:
+    from models.card import read_model_card
+    from models.symptoms.train import train_demo
+
+    if quick:
+        train_demo(target, notes_per_condition=4, calibration_per_condition=2, epochs=60)
+    else:
+        train_demo(target, progress=lambda line: console.print(line))
+    card = read_model_card(target)
+    return f"trained {card.version}; metrics {json.dumps(card.metrics)}"
+
+
 def _make_treatment(target: Path, quick: bool, options: dict[str, Any]) -> str:
     from models.card import read_model_card
     from models.treatment import build_model_dir
@@ -90,6 +102,12 @@ DEMO_MODELS: dict[str, DemoModel] = {
     model.key: model
     for model in (
         DemoModel("cxr", "cxr-resnet18", "chest X-ray classifier (generated images)", _make_cxr),
+        DemoModel(
+            "symptoms",
+            "symptoms-minilm",
+            "symptom head on MiniLM (notes generated from the knowledge base)",
+            _make_symptoms,
+        ),
         DemoModel("risk", "risk-mlp", "risk MLP (cohort simulated from the PCE)", _make_risk),
         DemoModel("treatment", "treatment-evidence", "biomarker evidence table", _make_treatment),
     )
@@ -212,3 +230,43 @@ def evaluate_risk(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))
     _print_report(data, path)
+
+
+@train_app.command("symptoms")
+def train_symptoms(
+    notes_csv: Annotated[Path, typer.Argument(help="CSV with columns note,label.")],
+    out: Annotated[Path, typer.Option(help="Model directory to write.")],
+    base: Annotated[
+        Path | None, typer.Option(help="Start from this symptoms model directory.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs of the head.")] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the symptom head (MiniLM encoder + linear) on labelled notes.
+
+    Labels are knowledge-base condition ids or ICD-10-CM codes; notes generated from the
+    knowledge base are mixed in so that every condition keeps examples.
+    """
+    from models.symptoms.train import TrainingDataError, train_head_from_csv
+
+    try:
+        train_head_from_csv(notes_csv, out, base_dir=base, epochs=epochs, seed=seed)
+    except TrainingDataError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"model directory written: {out}")
+
+
+@evaluate_app.command("symptoms")
+def evaluate_symptoms(
+    model_dir: Annotated[Path, typer.Argument(help="The symptoms model directory.")],
+) -> None:
+    """Top-1 / top-3 accuracy and calibration on the shipped hand-written notes."""
+    from models.symptoms.analyzer import SymptomAnalyzer
+    from models.symptoms.train import evaluate_notes, load_eval_notes
+
+    report = evaluate_notes(SymptomAnalyzer.load(model_dir), load_eval_notes())
+    path = model_dir / "evaluation" / "report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+    _print_report(report, path)

@@ -4,6 +4,7 @@ Hooks cards answered from the stored suggestions."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from datetime import timedelta
@@ -30,8 +31,6 @@ from db.schema import (
     utcnow,
 )
 from listeners.fhir import create_app
-from models.risk.train import train_demo as train_risk
-from models.treatment import build_model_dir as build_treatment
 from worker.clinical import process_event
 from worker.clinical_rules import ClinicalRules, RulesError
 from worker.jobs import execute_job
@@ -160,23 +159,15 @@ EGFR_L858R = {
 }
 
 
-@pytest.fixture(scope="module")
-def clinical_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    models = tmp_path_factory.mktemp("models")
-    train_risk(models / "risk-mlp", n_patients=6000, epochs=4)
-    build_treatment(models / "treatment-evidence")
-    return models
-
-
 @pytest.fixture
-def deployment(tmp_path: Path, clinical_models: Path) -> Iterator[tuple[Runtime, Dispatcher]]:
+def deployment(tmp_path: Path, models_dir: Path) -> Iterator[tuple[Runtime, Dispatcher]]:
     url = f"sqlite:///{tmp_path / 'carebridge.db'}"
     upgrade(url)
     database = Database(url)
     settings = Settings(
         database_url=url,
         archive_dir=tmp_path / "archive",
-        models_dir=clinical_models,
+        models_dir=models_dir,
         patient_stable_seconds=2,
     )
     dispatcher = Dispatcher()
@@ -267,6 +258,59 @@ def test_vitals_labs_and_biomarkers_give_one_risk_assessment_and_one_careplan(
         job = session.get(Job, job_id)
         assert job is not None and job.pipeline == "risk-scoring"
         assert job.status is JobStatus.SUCCEEDED
+
+
+def test_a_note_gives_a_provisional_diagnostic_report_without_denied_findings(
+    deployment: tuple[Runtime, Dispatcher],
+) -> None:
+    runtime, dispatcher = deployment
+    text = (
+        "62 year old with fever and productive cough for four days, shortness of breath on "
+        "exertion. Crackles at the right lung base. Denies chest pain. No hemoptysis."
+    )
+    note = {
+        "resourceType": "DocumentReference",
+        "id": "note-1",
+        "status": "current",
+        "subject": {"reference": PATIENT},
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain",
+                    "data": base64.b64encode(text.encode()).decode(),
+                }
+            }
+        ],
+    }
+    receive(runtime, [note])
+    (job_id,) = route(runtime, dispatcher)
+    with runtime.database.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status is JobStatus.SUCCEEDED, job and job.error
+        (result,) = session.execute(select(Result)).scalars()
+        assert result.model_name == "symptoms-minilm" and result.pipeline == "symptom-analysis"
+        conditions = result.details["conditions"]
+        (output,) = session.execute(select(OutputObject)).scalars()
+        path = runtime.settings.archive_dir / output.path
+    assert 1 <= len(conditions) <= 5
+    assert conditions[0]["id"] == "pneumonia" or "pneumonia" in [c["id"] for c in conditions[:3]]
+    evidence = {e["finding"].lower() for c in conditions for e in c["evidence"]}
+    assert "chest pain" not in evidence and "hemoptysis" not in evidence
+    assert text not in json.dumps(result.details)  # the note's words stay in the EHR
+    bundle = json.loads(path.read_text())
+    validate_r4(bundle)
+    report = next(
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "DiagnosticReport"
+    )
+    assert report["status"] == "preliminary"
+    observations = [
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"
+    ]
+    assert len(observations) == len(conditions)
+    systems = {c["system"] for o in observations for c in o["code"]["coding"]}
+    assert {"http://snomed.info/sct", "http://hl7.org/fhir/sid/icd-10-cm"} <= systems
 
 
 def test_cds_hooks_cards_come_from_the_stored_suggestion(

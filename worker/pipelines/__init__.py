@@ -23,6 +23,10 @@ def get_pipeline(name: str) -> Pipeline:
         from worker.pipelines.liver import run_liver_segmentation
 
         return run_liver_segmentation
+    if name == "symptom-analysis":
+        from worker.pipelines.symptoms import run_symptom_analysis
+
+        return run_symptom_analysis
     if name == "risk-scoring":
         from worker.pipelines.risk import run_risk_scoring
 

@@ -1,0 +1,1 @@
+"""Data files of the symptom model: knowledge base, ConText rules, evaluation notes."""
