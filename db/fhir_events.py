@@ -10,11 +10,12 @@ from a gap (events that never arrived).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import (
@@ -91,6 +92,23 @@ def mark_queued(session: Session, event_id: int, task_id: str, now: datetime) ->
         .values(status=FhirEventStatus.QUEUED, task_id=task_id, queued_at=now)
     )
     return bool(changed.rowcount == 1)
+
+
+def mark_queued_many(session: Session, queued: Sequence[tuple[int, str]], now: datetime) -> None:
+    """RECEIVED -> QUEUED for each (event id, task id) the broker took, as one statement
+    executed for all of them; events that had moved on are left as they are."""
+    if not queued:
+        return
+    table = cast(Table, FhirEvent.__table__)  # Core: one statement, executed for each event
+    session.execute(
+        update(table)
+        .where(
+            table.c.id == bindparam("event_id"),
+            table.c.status == FhirEventStatus.RECEIVED,
+        )
+        .values(status=FhirEventStatus.QUEUED, task_id=bindparam("broker_task_id"), queued_at=now),
+        [{"event_id": event_id, "broker_task_id": task_id} for event_id, task_id in queued],
+    )
 
 
 def _locked_state(session: Session, subscription: str, now: datetime) -> FhirSubscriptionState:

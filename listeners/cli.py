@@ -39,6 +39,7 @@ console = Console() if sys.stdout.isatty() else Console(width=240)
 err = Console(stderr=True)
 log = logging.getLogger("carebridge")
 
+
 def _settings() -> Settings:
     try:
         return load_settings()

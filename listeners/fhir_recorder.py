@@ -1,9 +1,9 @@
-"""Recording what the FHIR webhook took: events, Subscription state, audit, then the broker.
+"""Recording what the FHIR webhook took: events, Subscription state and audit, in a session.
 
-No HTTP here: the webhook hands over a parsed and validated request and gets back what
-was committed. Everything a request changes is one transaction; the broker is told only
-after the commit, and an event the broker did not take stays ``received`` for the
-sweeper to re-send.
+No HTTP and no broker here: the webhook hands over a parsed and validated request, and
+``listeners.fhir_batch.GroupCommitter`` runs :meth:`EventRecorder.record` in the request's
+savepoint of a shared transaction and commits it before the webhook answers. Everything a
+request changes is in that savepoint, so a request rolled back leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -12,20 +12,16 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from db import audit
 from db import fhir_events as events_db
-from db.engine import Database
 from db.schema import FhirEventSource, utcnow
 from listeners.fhir_payloads import IncomingResource, Notification
-from worker.runtime import Dispatcher
 
 log = logging.getLogger("carebridge.fhir")
 
 ACTOR = "listener"
-STORE_ATTEMPTS = 3  # a lost race on a unique key (webhook-id, new Subscription) is retried
 
 Parsed = list[IncomingResource] | Notification
 
@@ -41,68 +37,17 @@ class Taken:
 
 
 class EventRecorder:
-    """Records parsed requests in the database and publishes the committed events."""
+    """Records parsed requests in the caller's transaction (the caller commits)."""
 
-    def __init__(self, database: Database, dispatcher: Dispatcher) -> None:
-        self.database = database
-        self.dispatcher = dispatcher
-
-    def record(self, parsed: Parsed, webhook_id: str | None, body_sha256: str) -> Taken:
-        """Record one request in one transaction and commit it.
-
-        Raises SQLAlchemyError when the database is unavailable (nothing was stored).
-        """
-        for attempt in range(1, STORE_ATTEMPTS + 1):
-            try:
-                with self.database.session() as session:
-                    return self._record(session, parsed, webhook_id, body_sha256)
-            except IntegrityError:
-                # A concurrent request won a unique key (the same webhook-id, or the first
-                # notification of a Subscription): the next attempt sees its row.
-                if attempt == STORE_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")
-
-    def audit_refusal(self, route: str, status: int, reason: str, peer: str | None) -> None:
-        """Audit a request refused for its credentials (never its body)."""
-        try:
-            with self.database.session() as session:
-                audit.append(
-                    session,
-                    "fhir.auth_failed",
-                    actor=ACTOR,
-                    route=route,
-                    status=status,
-                    reason=reason,
-                    peer=peer,
-                )
-        except SQLAlchemyError:
-            log.error("could not audit a refused FHIR request")
-
-    def publish(self, event_ids: list[int]) -> None:
-        """Hand committed events to the broker; stop at the first refusal (the sweeper
-        re-sends whatever stays ``received``, so one outage costs one timeout)."""
-        queued: list[tuple[int, str]] = []
-        for event_id in event_ids:
-            task_id = self.dispatcher.publish_fhir_event(event_id)
-            if not task_id:
-                break
-            queued.append((event_id, task_id))
-        if not queued:
-            return
-        try:
-            now = utcnow()
-            with self.database.session() as session:
-                for event_id, task_id in queued:
-                    events_db.mark_queued(session, event_id, task_id, now)
-        except SQLAlchemyError as exc:
-            log.warning("could not mark FHIR events queued (%s)", type(exc).__name__)
-
-    # One transaction ------------------------------------------------------------------
-
-    def _record(
+    def record(
         self, session: Session, parsed: Parsed, webhook_id: str | None, body_sha256: str
     ) -> Taken:
+        """Record one request: its events, Subscription state and audit event.
+
+        A replayed webhook-id (seen in this transaction or committed before) is a no-op.
+        Raises IntegrityError when a concurrent transaction won a unique key (the same
+        webhook-id, the first notification of a Subscription): roll back and call again.
+        """
         if webhook_id is not None:
             prior = events_db.find_by_webhook_id(session, webhook_id)
             if prior is not None:
@@ -114,6 +59,23 @@ class EventRecorder:
         return self._record_events(
             session, FhirEventSource.DIRECT, "R4", None, parsed, webhook_id, body_sha256, now
         )
+
+    @staticmethod
+    def audit_refusal(
+        session: Session, route: str, status: int, reason: str, peer: str | None
+    ) -> None:
+        """Audit a request refused for its credentials (never its body)."""
+        audit.append(
+            session,
+            "fhir.auth_failed",
+            actor=ACTOR,
+            route=route,
+            status=status,
+            reason=reason,
+            peer=peer,
+        )
+
+    # One request ----------------------------------------------------------------------
 
     def _record_notification(
         self,

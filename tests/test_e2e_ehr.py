@@ -5,6 +5,7 @@ gets a card; the audit trail tells what came in and what the EHR accepted."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 from collections.abc import Iterator
@@ -111,6 +112,22 @@ def egfr_l858r(patient: str) -> dict[str, Any]:
                 },
             ),
             component("48005-3", {"system": "http://varnomen.hgvs.org", "code": "p.Leu858Arg"}),
+        ],
+    }
+
+
+def note(patient: str, text: str) -> dict[str, Any]:
+    return {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "subject": {"reference": patient},
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain",
+                    "data": base64.b64encode(text.encode()).decode(),
+                }
+            }
         ],
     }
 
@@ -227,6 +244,7 @@ def test_clinical_events_come_back_to_the_ehr_as_fhir_results(
                 quantity(reference, "39156-5", 29.4, "kg/m2", "kg/m2"),
                 nsclc(reference),
                 egfr_l858r(reference),
+                note(reference, "Three days of fever and productive cough. Denies chest pain."),
             )
         ),
     ]
@@ -274,19 +292,20 @@ def test_clinical_events_come_back_to_the_ehr_as_fhir_results(
         assert "osimertinib" in cards[0]["summary"].lower()
 
         # The audit trail: what came in, what was made, whether the EHR took it.
-        report = carebridge.audit_show(reference)
-        assert len(report["resources"]) == len(sent)
-        assert {r["pipeline"] for r in report["results"]} == {
+        audit = carebridge.audit_show(reference)
+        assert len(audit["resources"]) == len(sent)
+        assert {r["pipeline"] for r in audit["results"]} == {
             "risk-scoring",
             "treatment-suggestion",
+            "symptom-analysis",
         }
-        assert all(d["status"] == "sent" for d in report["deliveries"])
+        assert all(d["status"] == "sent" for d in audit["deliveries"])
         assert all(
             entry["status"].startswith("201")
-            for d in report["deliveries"]
+            for d in audit["deliveries"]
             for entry in d["response"]["entries"]
         )
-        types = [e["type"] for e in report["events"]]
+        types = [e["type"] for e in audit["events"]]
         assert "fhir.event_processed" in types and "delivery.sent" in types
         assert carebridge.cli("audit", "verify").returncode == 0
         assert endpoint.requests_of(CLIENT_ID)  # SMART Backend Services tokens were used

@@ -4,6 +4,7 @@ committed in fhir_events, the audit trail, and what was handed to the broker."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -11,8 +12,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,13 +24,17 @@ from typing import Any
 import pytest
 import requests
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
 
+from db import audit
 from db.engine import Database
 from db.migrate import upgrade
 from db.schema import AuditEvent, FhirEvent, FhirEventStatus, FhirSubscriptionState, utcnow
 from listeners.fhir import MAX_BODY_BYTES, create_app
 from listeners.fhir_auth import sign
+from listeners.fhir_batch import GroupCommitter
+from listeners.fhir_publisher import EventPublisher
 from tests.peers import free_port, wait_for_port
 from worker.routing import RoutingRules
 from worker.settings import Settings
@@ -147,10 +155,9 @@ def make_client(
     clients: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
-        options = {k: overrides.pop(k) for k in ("max_body_bytes",) if k in overrides}
-        app = create_app(
-            settings_for(database, tmp_path, **overrides), database, dispatcher, **options
-        )  # type: ignore[arg-type]
+        options = {k: overrides.pop(k) for k in ("max_body_bytes", "committer") if k in overrides}
+        settings = settings_for(database, tmp_path, **overrides)
+        app = create_app(settings, database, dispatcher, **options)  # type: ignore[arg-type]
         client = TestClient(app)
         clients.append(client)
         return client
@@ -183,9 +190,17 @@ def subscription_state(database: Database) -> FhirSubscriptionState | None:
         return session.execute(select(FhirSubscriptionState)).scalar_one_or_none()
 
 
+def settle(client: TestClient) -> None:
+    """Wait until the events answered so far were handed to the broker (or dropped): the
+    webhook publishes on a thread of its own after the 202."""
+    assert client.app.state.publisher.flush(timeout=30)  # type: ignore[attr-defined]
+
+
 def post(client: TestClient, path: str, body: Any, **headers: str) -> Any:
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return client.post(path, content=payload, headers={"Content-Type": FHIR_JSON, **headers})
+    response = client.post(path, content=payload, headers={"Content-Type": FHIR_JSON, **headers})
+    settle(client)
+    return response
 
 
 def signed_headers(body: bytes, webhook_id: str = "msg_1", at: float | None = None) -> dict:
@@ -219,6 +234,36 @@ def assert_nothing_taken(database: Database, dispatcher: RecordingDispatcher) ->
     assert events(database) == []
     assert audit_events(database, "fhir.received") == []
     assert dispatcher.published == []
+
+
+def assert_chain_verifies(database: Database) -> None:
+    with database.session() as session:
+        checked, breaks = audit.verify(session)
+    assert breaks == [] and checked == len(audit_events(database))
+
+
+def post_concurrently(client: TestClient, requests_: list[tuple[str, Any, dict[str, str]]]) -> list:
+    """POST every (path, body, headers) from a thread of its own, released all at once."""
+    start = threading.Barrier(len(requests_))
+
+    def one(request: tuple[str, Any, dict[str, str]]) -> Any:
+        path, body, headers = request
+        start.wait()
+        return client.post(
+            path,
+            content=json.dumps(body).encode(),
+            headers={"Content-Type": FHIR_JSON, **headers},
+        )
+
+    with ThreadPoolExecutor(len(requests_)) as pool:
+        return list(pool.map(one, requests_))
+
+
+def commits_of(database: Database) -> list[float]:
+    """The times of the transactions committed on ``database`` from now on."""
+    times: list[float] = []
+    event.listen(database.engine, "commit", lambda _connection: times.append(time.monotonic()))
+    return times
 
 
 # Notification builders -----------------------------------------------------------------
@@ -770,6 +815,189 @@ def test_events_listed_out_of_order_are_all_recorded(
     assert audit_events(database, "fhir.notification_gap") == []
 
 
+# Concurrent requests: group commit -----------------------------------------------------
+
+
+def observation(number: int) -> dict[str, Any]:
+    return {**RESOURCES["Observation"], "id": f"obs-{number}"}
+
+
+def test_concurrent_requests_share_transactions_and_each_is_committed_and_audited(
+    make_client: Any, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    """50 EHR requests at once: each answered 202 with its own event id only once that
+    event and its audit event are committed; they took far fewer transactions than
+    requests, the audit chain verifies, and every event reached the broker once."""
+    committer = GroupCommitter(database, max_batch=64, max_wait_s=0.2)
+    client = make_client(committer=committer)
+    commits = commits_of(database)
+    with client:
+        responses = post_concurrently(
+            client, [("/fhir/Observation", observation(n), {}) for n in range(50)]
+        )
+        settle(client)
+    ids = [event_ids(outcome(response, 202)) for response in responses]
+    assert all(len(one) == 1 for one in ids)
+    flat = [event_id for (event_id,) in ids]
+    assert len(set(flat)) == 50
+    rows = {row.id: row for row in events(database)}
+    assert sorted(rows) == sorted(flat)
+    # Each response names the event of its own body.
+    for number, (event_id,) in enumerate(ids):
+        assert rows[event_id].resource_id == f"obs-{number}"
+    received = audit_events(database, "fhir.received")
+    assert sorted(e for r in received for e in r.detail["events"]) == sorted(flat)
+    assert_chain_verifies(database)
+    # Grouped: 50 requests (and the marks of their hand-over) in far fewer transactions.
+    assert committer.batches < 25 and len(commits) < 25
+    assert sorted(dispatcher.published) == sorted(flat)
+    assert all(row.status is FhirEventStatus.QUEUED and row.task_id for row in rows.values())
+
+
+def test_replayed_webhook_id_among_concurrent_requests_is_recorded_once(
+    make_client: Any, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    client = make_client(committer=GroupCommitter(database, max_wait_s=0.2))
+    requests_ = [
+        ("/fhir/Observation", observation(n), {"webhook-id": f"msg_{n}"}) for n in range(20)
+    ]
+    requests_ += [("/fhir/Observation", observation(99), {"webhook-id": "msg_dup"})] * 10
+    with client:
+        responses = post_concurrently(client, requests_)
+        settle(client)
+    statuses = [response.status_code for response in responses]
+    assert statuses[:20] == [202] * 20
+    assert sorted(statuses[20:]) == [200] * 9 + [202]
+    for response in responses[20:]:
+        if response.status_code == 200:
+            assert "no-op" in outcome(response, 200)["issue"][0]["diagnostics"]
+    rows = events(database)
+    assert len(rows) == 21
+    assert [r.webhook_id for r in rows].count("msg_dup") == 1
+    assert len(audit_events(database, "fhir.received")) == 21
+    assert_chain_verifies(database)
+    assert sorted(dispatcher.published) == sorted(r.id for r in rows)
+
+
+def test_a_failed_commit_answers_503_to_its_whole_batch_and_stores_nothing(
+    make_client: Any, database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    client = make_client(committer=GroupCommitter(database, max_wait_s=0.2))
+
+    def disk_full(_connection: Any) -> None:
+        raise OperationalError("COMMIT", {}, Exception("database or disk is full"))
+
+    event.listen(database.engine, "commit", disk_full)
+    with client:
+        responses = post_concurrently(
+            client, [("/fhir/Observation", observation(n), {}) for n in range(10)]
+        )
+        event.remove(database.engine, "commit", disk_full)
+        for response in responses:
+            body = outcome(response, 503)
+            assert body["issue"][0]["code"] == "transient"
+            assert response.headers["retry-after"] == "5"
+        settle(client)
+        assert_nothing_taken(database, dispatcher)
+        assert audit_events(database) == []
+        # The committer goes on once the database takes commits again.
+        outcome(post(client, "/fhir/Observation", observation(1)), 202)
+    assert len(events(database)) == 1
+    assert_chain_verifies(database)
+
+
+def test_database_down_answers_503_to_concurrent_requests(tmp_path: Path) -> None:
+    database = Database(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none")
+    dispatcher = RecordingDispatcher()
+    app = create_app(settings_for(database, tmp_path), database, dispatcher)  # type: ignore[arg-type]
+    with TestClient(app) as client:
+        responses = post_concurrently(
+            client, [("/fhir/Observation", observation(n), {}) for n in range(10)]
+        )
+        assert [r.status_code for r in responses] == [503] * 10
+    assert dispatcher.published == []
+    database.dispose()
+
+
+def record_observation(number: int) -> Any:
+    """Committer work: one event and its audit event, as the webhook records them."""
+
+    def work(session: Any) -> int:
+        from db import fhir_events
+        from db.schema import FhirEventSource
+
+        row = fhir_events.record_event(
+            session,
+            source=FhirEventSource.DIRECT,
+            fhir_version="R4",
+            resource_type="Observation",
+            resource_id=f"obs-{number}",
+            body=observation(number),
+            body_sha256="0" * 64,
+        )
+        audit.append(session, "fhir.received", actor="listener", events=[row.id])
+        return row.id
+
+    return work
+
+
+def test_a_failing_request_is_rolled_back_alone_and_its_batch_commits(database: Database) -> None:
+    """Three requests in one batch; the second fails after its audit append: its savepoint
+    is rolled back, the other two are committed, and the audit chain has no hole."""
+    committer = GroupCommitter(database, max_batch=3, max_wait_s=5)
+
+    def fails_after_auditing(session: Any) -> int:
+        record_observation(2)(session)
+        raise ValueError("this request's own failure")
+
+    first = committer.submit(record_observation(1))
+    second = committer.submit(fails_after_auditing)
+    third = committer.submit(record_observation(3))
+    one, three = first.result(10), third.result(10)
+    with pytest.raises(ValueError, match="own failure"):
+        second.result(10)
+    committer.close()
+    assert committer.batches == 1
+    assert [(r.id, r.resource_id) for r in events(database)] == [(one, "obs-1"), (three, "obs-3")]
+    assert [a.detail["events"] for a in audit_events(database)] == [[one], [three]]
+    assert_chain_verifies(database)
+
+
+def test_a_request_given_up_before_its_batch_is_never_stored(database: Database) -> None:
+    committer = GroupCommitter(database, max_batch=2, max_wait_s=5)
+    abandoned = committer.submit(record_observation(1))
+    assert abandoned.cancel()  # the caller went away while the batch was still forming
+    kept = committer.submit(record_observation(2))
+    kept.result(10)
+    committer.close()
+    assert [r.resource_id for r in events(database)] == ["obs-2"]
+    assert_chain_verifies(database)
+
+
+def test_publishing_yields_to_recording_for_at_most_its_delay(
+    database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    """While the committer is busy the broker hand-over waits, but no longer than
+    max_delay_s; the events are then marked queued once the committer is free."""
+    committer = GroupCommitter(database)
+    ids = [committer.submit(record_observation(n)).result(10) for n in (1, 2)]
+    publisher = EventPublisher(dispatcher, committer, max_delay_s=0.5)  # type: ignore[arg-type]
+    release = threading.Event()
+    busy = committer.submit(lambda _session: release.wait(30))
+    started = time.monotonic()
+    publisher.add(ids)
+    time.sleep(0.1)
+    assert dispatcher.published == []  # recording goes first
+    while not dispatcher.published and time.monotonic() - started < 10:
+        time.sleep(0.02)
+    assert dispatcher.published == ids and not busy.done()  # the delay ran out first
+    release.set()
+    assert publisher.flush(timeout=10)
+    assert all(row.status is FhirEventStatus.QUEUED for row in events(database))
+    publisher.close()
+    committer.close()
+
+
 # Broker and database outages -----------------------------------------------------------
 
 
@@ -847,9 +1075,28 @@ def test_webhook_module_never_imports_torch() -> None:
 # The real command ----------------------------------------------------------------------
 
 
-def test_listen_fhir_command_takes_an_observation(tmp_path: Path) -> None:
-    """`carebridge listen-fhir` on a free port: an Observation POSTed with requests is a
-    committed row, handed to the embedded broker; SIGTERM stops it cleanly."""
+@dataclass
+class ListenFhir:
+    """A running `carebridge listen-fhir` and what a test checks once it stopped."""
+
+    port: int
+    url: str
+    log_path: Path
+    returncode: int | None = None
+
+    def post(self, body: Any, **headers: str) -> requests.Response:
+        return requests.post(
+            f"http://127.0.0.1:{self.port}/fhir/Observation",
+            data=json.dumps(body),
+            headers={"Content-Type": FHIR_JSON, "Authorization": f"Bearer {TOKEN}", **headers},
+            timeout=60,
+        )
+
+
+@contextlib.contextmanager
+def listen_fhir(tmp_path: Path) -> Iterator[ListenFhir]:
+    """`carebridge listen-fhir` on a free port with a migrated SQLite database; stopped
+    with SIGTERM on leaving."""
     port = free_port()
     url = f"sqlite:///{tmp_path / 'var' / 'carebridge.db'}"
     upgrade(url)
@@ -861,8 +1108,8 @@ def test_listen_fhir_command_takes_an_observation(tmp_path: Path) -> None:
         CAREBRIDGE_WEBHOOK_TOKEN=TOKEN,
         PYTHONUNBUFFERED="1",
     )
-    log_path = tmp_path / "listen-fhir.log"
-    with log_path.open("wb") as log:
+    server = ListenFhir(port, url, tmp_path / "listen-fhir.log")
+    with server.log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "listeners.cli", "listen-fhir"],
             cwd=REPO,
@@ -872,24 +1119,60 @@ def test_listen_fhir_command_takes_an_observation(tmp_path: Path) -> None:
         )
     try:
         wait_for_port("127.0.0.1", port, timeout=60, proc=proc)
-        response = requests.post(
-            f"http://127.0.0.1:{port}/fhir/Observation",
-            data=json.dumps(RESOURCES["Observation"]),
-            headers={"Content-Type": FHIR_JSON, "Authorization": f"Bearer {TOKEN}"},
-            timeout=30,
-        )
-        assert response.status_code == 202, response.text
-        (event_id,) = event_ids(response.json())
+        yield server
     finally:
         proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(30)
-    output = log_path.read_text()
-    assert rc == 0, output
+        server.returncode = proc.wait(30)
+
+
+def test_listen_fhir_command_takes_an_observation(tmp_path: Path) -> None:
+    """`carebridge listen-fhir` on a free port: an Observation POSTed with requests is a
+    committed row, handed to the embedded broker; SIGTERM stops it cleanly."""
+    with listen_fhir(tmp_path) as server:
+        response = server.post(RESOURCES["Observation"])
+        assert response.status_code == 202, response.text
+        (event_id,) = event_ids(response.json())
+    output = server.log_path.read_text()
+    assert server.returncode == 0, output
     assert "carebridge listen-fhir: ready" in output
-    database = Database(url)
+    database = Database(server.url)
     try:
         (row,) = events(database)
     finally:
         database.dispose()
     assert row.id == event_id and row.body == RESOURCES["Observation"]
     assert row.status is FhirEventStatus.QUEUED and row.task_id  # the embedded broker took it
+
+
+def test_listen_fhir_command_takes_concurrent_requests(tmp_path: Path) -> None:
+    """50 EHR connections at once against the real command, 5 of them one delivery sent
+    again: 46 events, each answered 202 with its own id, committed with its audit event,
+    handed to the embedded broker once; the replays are no-ops; the chain verifies."""
+    bodies = [(observation(n), {"webhook-id": f"msg_{n}"}) for n in range(45)]
+    bodies += [(observation(99), {"webhook-id": "msg_again"})] * 5
+    start = threading.Barrier(len(bodies))
+
+    with listen_fhir(tmp_path) as server:
+
+        def one(request: tuple[dict[str, Any], dict[str, str]]) -> requests.Response:
+            start.wait()
+            return server.post(request[0], **request[1])
+
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(one, bodies))
+    assert server.returncode == 0, server.log_path.read_text()
+    assert [r.status_code for r in responses[:45]] == [202] * 45, responses[0].text
+    assert sorted(r.status_code for r in responses[45:]) == [200] * 4 + [202]
+    answered = [event_ids(r.json())[0] for r in responses if r.status_code == 202]
+    database = Database(server.url)
+    try:
+        rows = events(database)
+        received = audit_events(database, "fhir.received")
+        assert_chain_verifies(database)
+    finally:
+        database.dispose()
+    assert sorted(answered) == [row.id for row in rows] and len(rows) == 46
+    assert sorted(e for r in received for e in r.detail["events"]) == sorted(answered)
+    # Shutting down hands whatever was still waiting to the broker.
+    assert all(row.status is FhirEventStatus.QUEUED and row.task_id for row in rows)
+    assert len({row.task_id for row in rows}) == 46
