@@ -10,6 +10,8 @@ from a gap (events that never arrived).
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -75,6 +77,54 @@ def record_event(
     session.add(event)
     session.flush()
     return event
+
+
+CATCH_UP_TYPE = "Subscription"  # resource type of a catch-up request event
+
+
+def record_catch_up(
+    session: Session,
+    subscription: str,
+    missing_from: int,
+    missing_to: int,
+    *,
+    now: datetime | None = None,
+) -> FhirEvent:
+    """Record a request to fetch a Subscription's missed events ``missing_from``..``to``.
+
+    It is an event like the others (committed with the notification, queued, re-sent by
+    the sweeper), whose body is a Parameters resource naming the range.
+    """
+    body = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "eventsSinceNumber", "valueInteger": missing_from},
+            {"name": "eventsUntilNumber", "valueInteger": missing_to},
+        ],
+    }
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")) + subscription
+    return record_event(
+        session,
+        source=FhirEventSource.SUBSCRIPTION,
+        fhir_version="R4",
+        resource_type=CATCH_UP_TYPE,
+        resource_id=None,
+        body=body,
+        body_sha256=hashlib.sha256(canonical.encode()).hexdigest(),
+        subscription=subscription,
+        now=now,
+    )
+
+
+def catch_up_range(event: FhirEvent) -> tuple[int, int] | None:
+    """(since, until) of a catch-up request event; None for any other event."""
+    if event.resource_type != CATCH_UP_TYPE or not isinstance(event.body, dict):
+        return None
+    values = {p.get("name"): p.get("valueInteger") for p in event.body.get("parameter", [])}
+    since, until = values.get("eventsSinceNumber"), values.get("eventsUntilNumber")
+    if isinstance(since, int) and isinstance(until, int):
+        return since, until
+    return None
 
 
 def find_by_webhook_id(session: Session, webhook_id: str) -> FhirEvent | None:

@@ -94,7 +94,7 @@ class EventRecorder:
                 heartbeat=notification.kind == "heartbeat",
                 now=now,
             )
-            self._audit_gap(session, subscription, check)
+            catch_up = self._audit_gap(session, subscription, check, now)
             if notification.kind == "handshake":  # heartbeats only update the state row
                 audit.append(
                     session,
@@ -103,8 +103,16 @@ class EventRecorder:
                     subscription=subscription,
                     fhir_version=notification.fhir_version,
                 )
+            if catch_up:
+                return Taken(
+                    202,
+                    "gap recorded for catch-up",
+                    events=catch_up,
+                    source=FhirEventSource.SUBSCRIPTION,
+                )
             return Taken(200, f"{notification.kind} received")
         taken: list[IncomingResource] = []
+        catch_ups: list[tuple[int, str]] = []
         # In number order, so events listed out of order are not mistaken for repeats.
         ordered = sorted(
             notification.resources, key=lambda r: (r.event_number is None, r.event_number or 0)
@@ -116,14 +124,14 @@ class EventRecorder:
                 )
                 if check.verdict is events_db.EventNumberVerdict.REPEAT:
                     continue
-                self._audit_gap(session, subscription, check)
+                catch_ups += self._audit_gap(session, subscription, check, now)
             taken.append(resource)
         if notification.events_since_start is not None:
             events_db.advance_to(session, subscription, notification.events_since_start, now=now)
         if not taken:
             log.info("repeated notification: every event was received before")
             return Taken(200, "every event of this notification was received before; no-op")
-        return self._record_events(
+        recorded = self._record_events(
             session,
             FhirEventSource.SUBSCRIPTION,
             notification.fhir_version,
@@ -133,16 +141,26 @@ class EventRecorder:
             body_sha256,
             now,
         )
+        recorded.events = catch_ups + recorded.events
+        return recorded
 
     def _audit_gap(
-        self, session: Session, subscription: str, check: events_db.EventNumberCheck
-    ) -> None:
+        self,
+        session: Session,
+        subscription: str,
+        check: events_db.EventNumberCheck,
+        now: datetime,
+    ) -> list[tuple[int, str]]:
+        """On a gap: audit it and record a catch-up request (queued like any event; the
+        worker asks the EHR for the missing events). The request's (event id, type)."""
         if check.verdict is not events_db.EventNumberVerdict.GAP:
-            return
-        # The catch-up query (the server's $events operation, or a search) is a later
-        # stage; the gap is audited so it is visible and can be caught up.
+            return []
+        assert check.missing_from is not None and check.missing_to is not None
         log.warning(
             "notification gap: events %s..%s never arrived", check.missing_from, check.missing_to
+        )
+        request = events_db.record_catch_up(
+            session, subscription, check.missing_from, check.missing_to, now=now
         )
         audit.append(
             session,
@@ -151,7 +169,9 @@ class EventRecorder:
             subscription=subscription,
             missing_from=check.missing_from,
             missing_to=check.missing_to,
+            catch_up_event=request.id,
         )
+        return [(request.id, request.resource_type)]
 
     def _record_events(
         self,

@@ -29,6 +29,7 @@ from sqlalchemy.exc import OperationalError
 
 from db import audit
 from db.engine import Database
+from db.fhir_events import catch_up_range
 from db.migrate import upgrade
 from db.schema import AuditEvent, FhirEvent, FhirEventStatus, FhirSubscriptionState, utcnow
 from listeners.fhir import MAX_BODY_BYTES, create_app
@@ -695,11 +696,18 @@ def test_handshake_and_heartbeat_record_state_without_events(
 
 def test_heartbeat_reveals_missed_events(client: TestClient, database: Database) -> None:
     outcome(post(client, "/fhir/notify", backport("handshake", 0)), 200)
-    outcome(post(client, "/fhir/notify", backport("heartbeat", 3)), 200)
+    # The heartbeat says 3 events were sent: a catch-up request is recorded and queued.
+    body = outcome(post(client, "/fhir/notify", backport("heartbeat", 3)), 202)
+    (request,) = events(database)
+    assert event_ids(body) == [request.id]
+    assert request.resource_type == "Subscription" and request.subscription == SUBSCRIPTION
+    assert catch_up_range(request) == (1, 3)
     (gap,) = audit_events(database, "fhir.notification_gap")
     assert (gap.detail["missing_from"], gap.detail["missing_to"]) == (1, 3)
+    assert gap.detail["catch_up_event"] == request.id
     outcome(post(client, "/fhir/notify", backport("heartbeat", 3)), 200)
     assert len(audit_events(database, "fhir.notification_gap")) == 1  # reported once
+    assert len(events(database)) == 1
 
 
 def test_backport_full_resource_notification(
@@ -795,15 +803,25 @@ def test_gap_in_event_numbers_is_audited_and_the_event_recorded(
     outcome(
         post(client, "/fhir/notify", backport("event-notification", 4, [(4, "Observation/b")])), 202
     )
-    assert [r.event_number for r in events(database)] == [1, 4]
+    recorded = events(database)
+    assert [(r.resource_type, r.event_number) for r in recorded] == [
+        ("Observation", 1),
+        ("Subscription", None),  # the catch-up request for events 2..3
+        ("Observation", 4),
+    ]
+    assert catch_up_range(recorded[1]) == (2, 3)
     (gap,) = audit_events(database, "fhir.notification_gap")
-    assert gap.detail == {"subscription": SUBSCRIPTION, "missing_from": 2, "missing_to": 3}
-    # A late event from the gap is a repeat by number: the catch-up query (a later stage)
-    # is what fetches it.
+    assert gap.detail == {
+        "subscription": SUBSCRIPTION,
+        "missing_from": 2,
+        "missing_to": 3,
+        "catch_up_event": recorded[1].id,
+    }
+    # A late event from the gap is a repeat by number: the catch-up query fetches it.
     outcome(
         post(client, "/fhir/notify", backport("event-notification", 4, [(3, "Observation/c")])), 200
     )
-    assert len(events(database)) == 2
+    assert len(events(database)) == 3
 
 
 def test_events_listed_out_of_order_are_all_recorded(

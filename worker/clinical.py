@@ -24,9 +24,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db import audit
+from db.fhir_events import catch_up_range, record_event
 from db.schema import (
     ClinicalResource,
     FhirEvent,
+    FhirEventSource,
     FhirEventStatus,
     Job,
     JobStatus,
@@ -157,6 +159,8 @@ class _EventSnapshot:
     resource_type: str
     resource_id: str | None
     body: dict[str, Any] | None
+    subscription: str | None = None
+    catch_up: tuple[int, int] | None = None
 
 
 def _finish_event(
@@ -192,7 +196,17 @@ def process_event(runtime: Runtime, event_id: int) -> None:
         if event is None or event.status in (FhirEventStatus.PROCESSED, FhirEventStatus.FAILED):
             log.info("FHIR event %d: nothing to do", event_id)
             return
-        snapshot = _EventSnapshot(event.id, event.resource_type, event.resource_id, event.body)
+        snapshot = _EventSnapshot(
+            event.id,
+            event.resource_type,
+            event.resource_id,
+            event.body,
+            event.subscription,
+            catch_up_range(event),
+        )
+    if snapshot.catch_up is not None:
+        _catch_up(runtime, snapshot)
+        return
     body = snapshot.body
     if body is None:
         body = _read_from_ehr(runtime, snapshot)
@@ -271,6 +285,101 @@ def _read_from_ehr(runtime: Runtime, event: _EventSnapshot) -> dict[str, Any] | 
         )
         return None
     return resource
+
+
+def _last_seen_before(session: Session, subscription: str, number: int) -> datetime | None:
+    """When the last event numbered below ``number`` of ``subscription`` arrived."""
+    return session.execute(
+        select(FhirEvent.received_at)
+        .where(
+            FhirEvent.subscription == subscription,
+            FhirEvent.event_number.is_not(None),
+            FhirEvent.event_number < number,
+        )
+        .order_by(FhirEvent.event_number.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def _catch_up(runtime: Runtime, request: _EventSnapshot) -> None:
+    """Fetch a Subscription's missed events from the EHR and file what comes back."""
+    from worker.catchup import body_sha256, missed_resources
+    from worker.ehr import ehr_client
+    from worker.senders.dicom import DeliveryError
+
+    assert request.catch_up is not None and request.subscription is not None
+    since_number, until_number = request.catch_up
+    client = ehr_client(runtime.settings)
+    if client is None:
+        _finish_event(
+            runtime,
+            request.id,
+            FhirEventStatus.FAILED,
+            error="events were missed, but CAREBRIDGE_EHR_BASE_URL is not set to ask for them",
+        )
+        return
+    with runtime.database.session() as session:
+        since = _last_seen_before(session, request.subscription, since_number)
+    try:
+        with client:
+            found = missed_resources(
+                client, request.subscription, since_number, until_number, since
+            )
+    except ValueError as exc:
+        _finish_event(runtime, request.id, FhirEventStatus.FAILED, error=f"catch-up: {exc}")
+        return
+    except DeliveryError as exc:
+        if exc.transient:  # the sweeper re-sends the request later
+            with runtime.database.session() as session:
+                session.execute(
+                    update(FhirEvent)
+                    .where(FhirEvent.id == request.id)
+                    .values(status=FhirEventStatus.RECEIVED, queued_at=utcnow(), error=str(exc))
+                )
+            return
+        _finish_event(runtime, request.id, FhirEventStatus.FAILED, error=f"catch-up: {exc}")
+        return
+    now = utcnow()
+    filed: list[str] = []
+    with runtime.database.session() as session:
+        for resource in found.resources:
+            event = record_event(
+                session,
+                source=FhirEventSource.SUBSCRIPTION,
+                fhir_version="R4",
+                resource_type=str(resource["resourceType"]),
+                resource_id=resource.get("id"),
+                body=resource,
+                body_sha256=body_sha256(resource),
+                subscription=request.subscription,
+                now=now,
+            )
+            try:
+                with session.begin_nested():
+                    row, _ = file_resource(session, event.id, resource, now)
+            except ClinicalInputError as exc:
+                event.status, event.error = FhirEventStatus.FAILED, str(exc)
+                continue
+            event.status = FhirEventStatus.PROCESSED
+            filed.append(f"{row.resource_type}/{row.resource_id}")
+        session.execute(
+            update(FhirEvent)
+            .where(FhirEvent.id == request.id)
+            .values(status=FhirEventStatus.PROCESSED, error=None)
+        )
+        audit.append(
+            session,
+            "fhir.catch_up",
+            actor=runtime.owner,
+            event=request.id,
+            subscription=request.subscription,
+            missing_from=since_number,
+            missing_to=until_number,
+            method=found.method,
+            detail=found.detail,
+            resources=filed,
+        )
+    log.info("catch-up %d: %d resources by %s", request.id, len(filed), found.method)
 
 
 # Routing a quiet patient ---------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""Between a CT volume's own grid and the liver model's grid, both ways.
+
+The model sees every volume the same way, whatever the scanner wrote:
+
+* **Canonical axes** -- the array axes are permuted and flipped (no interpolation) so that axis 0
+  points to the head (+z, S), axis 1 to the back (+y, P) and axis 2 to the patient's left
+  (+x, L): the nearest such order for oblique orientations. :class:`Reorientation`.
+* **Model spacing** -- each axis is resampled to ``round(n * spacing / model_spacing)`` voxels
+  spanning exactly the source extent (so the effective spacing differs from the card's by less
+  than half a voxel over the volume). Axes that shrink are box-averaged ("area", which also
+  averages noise like a thicker reconstruction would), axes that grow are interpolated linearly.
+  Resampling runs on the source axes before reorientation, on a zero-copy view of the HU array.
+* **HU window** -- values are clipped to the card's window and scaled to [0, 1].
+
+Going back, the liver probability is cleaned in model space (largest connected component, holes
+filled), interpolated trilinearly to the source grid a few slices at a time (so a 600-slice
+series never needs a full-size float array), thresholded at 0.5 and cleaned again on the
+bounding box of the result. Training renders its labelled volumes through exactly these
+functions.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from models.segmentation.volume import CtVolume
+
+#: Identifier of this preprocessing, recorded in model cards and checked when a model loads.
+PREPROCESSING_ID = "carebridge.liver.preprocess/1"
+
+#: Probability at or above which a voxel is liver.
+THRESHOLD = 0.5
+
+#: The card's description of this preprocessing (window, spacing and ROI are in ``input``).
+PREPROCESSING_SPEC: dict[str, Any] = {
+    "id": PREPROCESSING_ID,
+    "steps": [
+        "sort slices along the ImageOrientationPatient normal; apply Rescale Slope/Intercept",
+        "permute/flip axes to canonical order (z to head, y to back, x to patient left)",
+        "resample to input.spacing_mm: area averaging where the grid coarsens, trilinear "
+        "where it refines, extents preserved",
+        "clip to input.hu_window and scale to [0, 1]",
+    ],
+    "inference": "sliding window over input.roi_size, overlap 0.25, gaussian blending, softmax",
+    "postprocessing": [
+        "liver probability >= 0.5",
+        "largest 26-connected component, holes filled (model grid)",
+        "trilinear interpolation of the cleaned probability to the source grid, >= 0.5",
+        "largest connected component and hole filling again on the source grid",
+    ],
+    "threshold": THRESHOLD,
+}
+
+# Canonical axis c points along patient axis _TARGET[c] (0 = x/L, 1 = y/P, 2 = z/S).
+_TARGET = (2, 1, 0)
+_STRUCTURE_26 = ndimage.generate_binary_structure(3, 3)
+_CHUNK_SLICES = 32
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """How to view a volume's array in canonical axis order, and back.
+
+    Canonical axis ``c`` is source axis ``source_axes[c]``, reversed when ``flips[c]``.
+    """
+
+    source_axes: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+
+    def __post_init__(self) -> None:
+        if sorted(self.source_axes) != [0, 1, 2] or len(self.flips) != 3:
+            raise ValueError("source_axes must be a permutation of (0, 1, 2), with three flips")
+
+    @classmethod
+    def from_directions(cls, axis_directions: np.ndarray) -> Reorientation:
+        """From the patient directions (rows) of array axes z, y, x of a volume."""
+        dirs = np.asarray(axis_directions, dtype=np.float64)
+        if dirs.shape != (3, 3):
+            raise ValueError("axis_directions must be a 3x3 array")
+        best = max(
+            itertools.permutations(range(3)),
+            key=lambda perm: sum(abs(dirs[perm[c], _TARGET[c]]) for c in range(3)),
+        )
+        flips = tuple(bool(dirs[best[c], _TARGET[c]] < 0) for c in range(3))
+        return cls((best[0], best[1], best[2]), (flips[0], flips[1], flips[2]))
+
+    def to_canonical(self, arr: np.ndarray) -> np.ndarray:
+        """A view of a (z, y, x) source-order array in canonical order."""
+        out = np.transpose(arr, self.source_axes)
+        for axis, flip in enumerate(self.flips):
+            if flip:
+                out = np.flip(out, axis=axis)
+        return out
+
+    def from_canonical(self, arr: np.ndarray) -> np.ndarray:
+        """A view of a canonical-order array in the source's axis order."""
+        out = arr
+        for axis, flip in enumerate(self.flips):
+            if flip:
+                out = np.flip(out, axis=axis)
+        return np.transpose(out, np.argsort(self.source_axes))
+
+    def canonical_values(self, values: Sequence[float]) -> tuple[float, float, float]:
+        """Per-axis values (e.g. spacing) given in source order, in canonical order."""
+        return (
+            float(values[self.source_axes[0]]),
+            float(values[self.source_axes[1]]),
+            float(values[self.source_axes[2]]),
+        )
+
+    def source_values(self, values: Sequence[float]) -> tuple[float, float, float]:
+        """Per-axis values given in canonical order, in source order."""
+        out = [0.0, 0.0, 0.0]
+        for c, s in enumerate(self.source_axes):
+            out[s] = float(values[c])
+        return (out[0], out[1], out[2])
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """How one source volume maps onto the model grid."""
+
+    source_shape: tuple[int, int, int]
+    source_spacing: tuple[float, float, float]
+    model_shape: tuple[int, int, int]  # in source axis order
+    reorientation: Reorientation
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        """Shape of the model-grid array in canonical order."""
+        s = self.reorientation.canonical_values(self.model_shape)
+        return (int(s[0]), int(s[1]), int(s[2]))
+
+    @property
+    def model_spacing(self) -> tuple[float, float, float]:
+        """Effective model-grid spacing (mm) in canonical order."""
+        per_source = [
+            n * s / m
+            for n, s, m in zip(
+                self.source_shape, self.source_spacing, self.model_shape, strict=True
+            )
+        ]
+        return self.reorientation.canonical_values(per_source)
+
+
+def model_geometry(volume: CtVolume, spacing_mm: Sequence[float]) -> ModelGeometry:
+    """The model grid of ``volume`` for a model with canonical ``spacing_mm`` (z, y, x)."""
+    reorientation = Reorientation.from_directions(volume.axis_directions)
+    target = reorientation.source_values(spacing_mm)
+    model_shape = tuple(
+        max(1, round(n * s / t))
+        for n, s, t in zip(volume.shape, volume.spacing, target, strict=True)
+    )
+    return ModelGeometry(
+        source_shape=volume.shape,
+        source_spacing=volume.spacing,
+        model_shape=(int(model_shape[0]), int(model_shape[1]), int(model_shape[2])),
+        reorientation=reorientation,
+    )
+
+
+def resample(arr: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resample a 3-D float32 array to ``size``: area where an axis shrinks, else trilinear.
+
+    Both steps treat voxels as cells covering the array's extent (``align_corners=False``), so
+    the result spans the same physical box. The input is used without a copy when contiguous.
+    """
+    src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    target = tuple(int(s) for s in size)
+    shrunk = tuple(min(t, n) for t, n in zip(target, src.shape[2:], strict=True))
+    with torch.inference_mode():
+        out = src
+        if shrunk != tuple(src.shape[2:]):
+            out = F.interpolate(out, size=shrunk, mode="area")
+        if target != tuple(out.shape[2:]):
+            out = F.interpolate(out, size=target, mode="trilinear", align_corners=False)
+        if out is src:
+            return np.array(arr, dtype=np.float32, copy=True)
+        return out[0, 0].numpy()
+
+
+def window(hu: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
+    """Clip HU to ``hu_window`` (low, high) and scale to [0, 1], in place when float32."""
+    low, high = float(hu_window[0]), float(hu_window[1])
+    out = np.clip(hu, low, high, out=hu if hu.dtype == np.float32 else None)
+    out -= np.float32(low)
+    out *= np.float32(1.0 / (high - low))
+    return out.astype(np.float32, copy=False)
+
+
+def prepare_image(
+    volume: CtVolume, spacing_mm: Sequence[float], hu_window: Sequence[float]
+) -> tuple[np.ndarray, ModelGeometry]:
+    """The model input of ``volume``: canonical (z, y, x) float32 in [0, 1], and its geometry."""
+    geometry = model_geometry(volume, spacing_mm)
+    resampled = resample(volume.hu, geometry.model_shape)
+    image = geometry.reorientation.to_canonical(window(resampled, hu_window))
+    return np.ascontiguousarray(image, dtype=np.float32), geometry
+
+
+def prepare_mask(mask: np.ndarray, geometry: ModelGeometry) -> np.ndarray:
+    """A source-grid mask on the model grid (canonical order), as the fraction of liver."""
+    if tuple(mask.shape) != geometry.source_shape:
+        raise ValueError(f"mask shape {mask.shape} differs from volume {geometry.source_shape}")
+    fraction = resample((np.asarray(mask) != 0).astype(np.float32), geometry.model_shape)
+    return np.ascontiguousarray(geometry.reorientation.to_canonical(fraction), dtype=np.float32)
+
+
+def largest_component(binary: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of ``binary`` with its holes filled (bool)."""
+    labels, count = ndimage.label(binary, structure=_STRUCTURE_26)
+    if count == 0:
+        return np.zeros(binary.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = labels == int(np.argmax(sizes))
+    del labels
+    # Holes are background components (6-connected) that do not reach the array's border.
+    background, count = ndimage.label(~keep)
+    if count:
+        border = np.unique(
+            np.concatenate(
+                [
+                    background[[0, -1], :, :].ravel(),
+                    background[:, [0, -1], :].ravel(),
+                    background[:, :, [0, -1]].ravel(),
+                ]
+            )
+        )
+        keep |= (background > 0) & ~np.isin(background, border)
+    return keep
+
+
+def clean_probability(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """Zero the probability outside the largest component (and its rim); holes become 1."""
+    binary = prob >= threshold
+    keep = largest_component(binary)
+    if not keep.any():
+        return np.zeros_like(prob)
+    # Keep the rim so interpolation to the source grid sees the true edge of the component.
+    rim = ndimage.binary_dilation(keep)
+    out = np.where(rim, prob, np.float32(0.0)).astype(np.float32)
+    out[keep & ~binary] = 1.0
+    return out
+
+
+def _postprocess_source(mask: np.ndarray) -> None:
+    """Largest component and hole filling on the bounding box of ``mask`` (in place)."""
+    nonzero = [np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    if any(len(n) == 0 for n in nonzero):
+        return
+    box = tuple(
+        slice(max(0, int(n[0]) - 1), min(size, int(n[-1]) + 2))
+        for n, size in zip(nonzero, mask.shape, strict=True)
+    )
+    crop = mask[box]
+    crop[...] = largest_component(crop != 0)
+
+
+def probability_to_source(
+    prob: np.ndarray, geometry: ModelGeometry, threshold: float = THRESHOLD
+) -> np.ndarray:
+    """A canonical model-grid probability as a uint8 mask on the source grid (source order).
+
+    Trilinear interpolation (``align_corners=False``, as :func:`resample`) is done as linear
+    interpolation between model slices followed by bilinear in-plane upsampling, a few source
+    slices at a time.
+    """
+    if tuple(prob.shape) != geometry.canonical_shape:
+        raise ValueError(f"probability shape {prob.shape} != model grid {geometry.canonical_shape}")
+    src_prob = np.ascontiguousarray(geometry.reorientation.from_canonical(prob), dtype=np.float32)
+    nz, ny, nx = geometry.source_shape
+    mz = src_prob.shape[0]
+    out = np.zeros((nz, ny, nx), dtype=np.uint8)
+    model = torch.from_numpy(src_prob)
+    scale = mz / nz
+    with torch.inference_mode():
+        for start in range(0, nz, _CHUNK_SLICES):
+            k = np.arange(start, min(nz, start + _CHUNK_SLICES))
+            pos = np.maximum((k + 0.5) * scale - 0.5, 0.0)
+            lo = np.minimum(np.floor(pos).astype(np.int64), mz - 1)
+            hi = np.minimum(lo + 1, mz - 1)
+            frac = torch.from_numpy((pos - lo).astype(np.float32))[:, None, None]
+            blended = model[lo] * (1.0 - frac) + model[hi] * frac
+            if (ny, nx) != tuple(blended.shape[1:]):
+                blended = F.interpolate(
+                    blended[None], size=(ny, nx), mode="bilinear", align_corners=False
+                )[0]
+            out[start : start + len(k)] = (blended >= threshold).numpy()
+    _postprocess_source(out)
+    return out
