@@ -65,6 +65,18 @@ def _make_cxr(target: Path, quick: bool, options: dict[str, Any]) -> str:
     return f"trained {card.version}; metrics {json.dumps(card.metrics)}"
 
 
+def _make_liver(target: Path, quick: bool, options: dict[str, Any]) -> str:
+    from models.card import read_model_card
+    from models.segmentation.train import train_demo
+
+    if quick:
+        train_demo(target, train_cases=6, val_cases=2, test_cases=2, epochs=8, patience=8)
+    else:
+        train_demo(target, progress=lambda line: console.print(line))
+    card = read_model_card(target)
+    return f"trained {card.version}; metrics {json.dumps(card.metrics)}"
+
+
 def _make_risk(target: Path, quick: bool, options: dict[str, Any]) -> str:
     from models.card import read_model_card
     from models.risk.train import train_demo
@@ -102,6 +114,7 @@ DEMO_MODELS: dict[str, DemoModel] = {
     model.key: model
     for model in (
         DemoModel("cxr", "cxr-resnet18", "chest X-ray classifier (generated images)", _make_cxr),
+        DemoModel("liver", "liver-unet3d", "liver 3-D U-Net (generated CT phantoms)", _make_liver),
         DemoModel(
             "symptoms",
             "symptoms-minilm",
@@ -268,5 +281,131 @@ def evaluate_symptoms(
     report = evaluate_notes(SymptomAnalyzer.load(model_dir), load_eval_notes())
     path = model_dir / "evaluation" / "report.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+    _print_report(report, path)
+
+
+@train_app.command("cxr")
+def train_cxr(
+    data_dir: Annotated[Path, typer.Argument(help="Folder of DICOM images.")],
+    labels: Annotated[Path, typer.Option(help="CSV with columns file,label.")],
+    out: Annotated[Path, typer.Option(help="Model directory to write.")],
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from this model directory (transfer learning).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="At most this many epochs.")] = 30,
+    patience: Annotated[int, typer.Option(help="Early stopping patience (epochs).")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 16,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the chest X-ray classifier on your labelled DICOM (labels: normal, pneumonia,
+    lung_cancer); augmentation, class weights, Adam, early stopping."""
+    from models.cxr.train import train_from_folder
+
+    try:
+        train_from_folder(
+            data_dir,
+            labels,
+            out,
+            init_from=init_from,
+            epochs=epochs,
+            patience=patience,
+            batch_size=batch_size,
+            seed=seed,
+            progress=True,
+        )
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"model directory written: {out}")
+
+
+@evaluate_app.command("cxr")
+def evaluate_cxr_command(
+    model_dir: Annotated[Path, typer.Argument(help="The chest X-ray model directory.")],
+    data_dir: Annotated[
+        Path | None, typer.Option("--data", help="Folder of labelled DICOM (else generated).")
+    ] = None,
+    labels: Annotated[Path | None, typer.Option(help="CSV with columns file,label.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the generated held-out images.")] = 0,
+) -> None:
+    """Accuracy, per-class precision/recall/F1/ROC AUC and the confusion matrix; writes
+    report.json, roc.png and confusion.png into the model directory."""
+    from models.cxr.evaluate import evaluate_cxr
+
+    if (data_dir is None) != (labels is None):
+        err.print("[red]give both --data and --labels, or neither (generated images)[/red]")
+        raise typer.Exit(2)
+    try:
+        report = evaluate_cxr(model_dir, data_dir, labels, seed=seed, progress=True)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    _print_report(report.to_dict(), report.report_json)
+
+
+@train_app.command("liver")
+def train_liver(
+    data_dir: Annotated[Path, typer.Argument(help="images/ + labels/ NIfTI, or DICOM + SEG.")],
+    out: Annotated[Path, typer.Option(help="Model directory to write.")],
+    labels: Annotated[str, typer.Option(help="'nifti' or 'seg'.")] = "nifti",
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from this model directory (transfer learning).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="At most this many epochs.")] = 100,
+    patience: Annotated[int, typer.Option(help="Early stopping patience (epochs).")] = 10,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the liver 3-D U-Net on your labelled CT; writes a model directory with its
+    evaluation (Dice, HD95, an overlay PNG)."""
+    from models.segmentation.train import train_from_folder
+
+    if labels not in ("nifti", "seg"):
+        err.print("[red]--labels must be 'nifti' or 'seg'[/red]")
+        raise typer.Exit(2)
+    try:
+        train_from_folder(
+            data_dir,
+            out,
+            labels=labels,  # type: ignore[arg-type]
+            init_from=init_from,
+            epochs=epochs,
+            patience=patience,
+            seed=seed,
+        )
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"model directory written: {out}")
+
+
+@evaluate_app.command("liver")
+def evaluate_liver_command(
+    model_dir: Annotated[Path, typer.Argument(help="The liver model directory.")],
+    data_dir: Annotated[
+        Path | None, typer.Option("--data", help="Labelled CT (else generated phantoms).")
+    ] = None,
+    labels: Annotated[str, typer.Option(help="'nifti' or 'seg'.")] = "nifti",
+    phantoms: Annotated[int, typer.Option(help="Generated phantoms when no --data.")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed of the generated phantoms.")] = 90000,
+) -> None:
+    """Dice and HD95 per case and on average; writes evaluation/report.json and an overlay
+    PNG into the model directory."""
+    from models.segmentation.data import iter_cases, phantom_case
+    from models.segmentation.evaluate import evaluate_liver
+
+    cases: Any
+    if data_dir is not None:
+        cases = iter_cases(data_dir, labels)  # type: ignore[arg-type]
+    else:
+        cases = (phantom_case(seed + i, (64, 256, 256), (5.0, 1.5, 1.5)) for i in range(phantoms))
+    folder = model_dir / "evaluation"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        report = evaluate_liver(model_dir, cases, png_path=folder / "overlay.png")
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    path = folder / "report.json"
     path.write_text(json.dumps(report, indent=2, default=str))
     _print_report(report, path)
