@@ -270,8 +270,8 @@ def test_storescp_refusing_association_is_permanent(
     start_storescp: Callable[..., tuple[int, Path]], sr_file: Path
 ) -> None:
     port, _ = start_storescp("--refuse")
-    with pytest.raises(DeliveryError) as info:
-        send_files(DicomDestination("STORESCP", "127.0.0.1", port), [sr_file], timeout=10)
+    with pytest.raises(DeliveryError) as info:  # a generous timeout: CI machines are busy
+        send_files(DicomDestination("STORESCP", "127.0.0.1", port), [sr_file], timeout=30)
     assert info.value.transient is False
     assert "permanently rejected" in str(info.value)
 

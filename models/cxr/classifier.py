@@ -2,7 +2,9 @@
 
 A MONAI ResNet-18 (2D, one input channel, 224x224, stride-2 stem) trained with cross-entropy.
 :class:`CxrClassifier` loads a model directory (see :mod:`models.card`), refuses one that was
-made for another task, label set, input or preprocessing, and predicts coded labels.
+made for another task, label set, input or preprocessing, and predicts coded labels. A MONAI
+bundle directory or a TorchScript file is accepted in its place (see :mod:`models.bundle`): it
+must take the same 1x224x224 input, preprocessed here, and return one score per class.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import pydicom
 import torch
 from monai.networks.nets import resnet18
 
+from models.bundle import ModelExpectation, is_external_model, load_external_model
 from models.card import ModelCard, ModelLoadError, load_weights, read_model_card
-from models.cxr.preprocess import PREPROCESSING_ID, preprocess_dataset
+from models.cxr.preprocess import PREPROCESSING_ID, PREPROCESSING_SPEC, preprocess_dataset
 from models.provenance import CodedLabel, ModelProvenance
 
 NORMAL = CodedLabel("normal", "17621005", "SCT", "Normal")
@@ -40,6 +43,16 @@ ARCHITECTURE: dict[str, Any] = {
     "conv1_t_size": 7,
     "conv1_t_stride": 2,
 }
+
+#: What the chest X-ray pipeline feeds a model and reads back; external models must fit it.
+CXR_EXPECTATION = ModelExpectation(
+    task=TASK,
+    channels=1,
+    spatial_size=(INPUT_SIZE, INPUT_SIZE),
+    labels=CXR_LABELS,
+    preprocessing=PREPROCESSING_SPEC,
+    output="classes",
+)
 
 
 def build_network() -> torch.nn.Module:
@@ -112,24 +125,46 @@ class CxrClassifier:
         card: ModelCard,
         device: torch.device,
         batch_size: int = 16,
+        *,
+        returns_probabilities: bool = False,
     ) -> None:
-        """Wrap a network whose weights match ``card``; prefer :meth:`load`."""
+        """Wrap a network whose weights match ``card``; prefer :meth:`load`.
+
+        The network's outputs are class scores in the order of ``card.labels``: logits, or
+        probabilities when ``returns_probabilities`` (a network that ends in a softmax).
+        """
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
         self.network = network.to(device).eval()
         self.card = card
+        self.labels: tuple[CodedLabel, ...] = card.coded_labels
         self.provenance: ModelProvenance = card.provenance
         self.device = device
         self.batch_size = batch_size
+        self.returns_probabilities = returns_probabilities
 
     @classmethod
     def load(cls, model_dir: Path, device: str = "cpu", batch_size: int = 16) -> CxrClassifier:
         """Load a model directory: read and check its card, verify the weights' sha256, load them.
 
+        ``model_dir`` may also be a MONAI bundle directory (``configs/`` and
+        ``models/model.pt`` or ``models/model.ts``) or a TorchScript file: those are loaded by
+        :func:`models.bundle.load_external_model` against :data:`CXR_EXPECTATION`.
         ``device`` is ``"cpu"``, ``"cuda"``/``"cuda:N"`` or ``"auto"`` (CUDA when available).
         Raises :class:`ModelLoadError` saying what is wrong and what to do.
         """
-        card = read_model_card(Path(model_dir))
+        path = Path(model_dir)
+        if path.is_file() or is_external_model(path):
+            resolved = resolve_device(device)
+            loaded = load_external_model(path, CXR_EXPECTATION, resolved)
+            return cls(
+                loaded.network,
+                loaded.card,
+                resolved,
+                batch_size=batch_size,
+                returns_probabilities=loaded.returns_probabilities,
+            )
+        card = read_model_card(path)
         check_card(card)
         resolved = resolve_device(device)
         state = load_weights(Path(model_dir), card, map_location="cpu")
@@ -167,10 +202,10 @@ class CxrClassifier:
             best = int(np.argmax(row))
             results.append(
                 ClassificationResult(
-                    label=CXR_LABELS[best],
+                    label=self.labels[best],
                     probability=float(row[best]),
                     probabilities={
-                        label.name: float(p) for label, p in zip(CXR_LABELS, row, strict=True)
+                        label.name: float(p) for label, p in zip(self.labels, row, strict=True)
                     },
                 )
             )
@@ -188,6 +223,10 @@ class CxrClassifier:
                     else contextlib.nullcontext()
                 )
                 with amp:
-                    logits = self.network(x)
-                out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(CXR_LABELS)), np.float32)
+                    scores = self.network(x)
+                # External networks may return (N, K, 1, 1); the loader checked the shape.
+                scores = scores.float().reshape(scores.shape[0], -1)
+                if not self.returns_probabilities:
+                    scores = torch.softmax(scores, dim=1)
+                out.append(scores.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
