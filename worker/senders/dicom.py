@@ -40,6 +40,7 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -181,6 +182,14 @@ def _associate(
 ) -> Association:
     """Open an association or raise :class:`DeliveryError`."""
     tls_args = (tls, destination.host) if tls is not None else None
+    # The A-ASSOCIATE-RJ as received: when the peer closes its socket right after
+    # rejecting, pynetdicom can report the association as aborted instead of rejected.
+    rejections: list[A_ASSOCIATE_RJ] = []
+
+    def remember_rejection(event: Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejections.append(event.pdu)
+
     try:
         assoc = ae.associate(
             destination.host,
@@ -188,7 +197,10 @@ def _associate(
             contexts=contexts,
             ae_title=destination.ae_title,
             tls_args=tls_args,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _set_tcp_nodelay)],
+            evt_handlers=[
+                (evt.EVT_CONN_OPEN, _set_tcp_nodelay),
+                (evt.EVT_PDU_RECV, remember_rejection),
+            ],
         )
     except (OSError, ssl.SSLError) as exc:  # e.g. the host name does not resolve
         raise DeliveryError(
@@ -196,8 +208,8 @@ def _associate(
         ) from exc
     if assoc.is_established:
         return assoc
-    if assoc.is_rejected:
-        primitive = assoc.acceptor.primitive
+    if assoc.is_rejected or rejections:
+        primitive = rejections[0] if rejections else assoc.acceptor.primitive
         result = getattr(primitive, "result", None)
         reason = getattr(primitive, "reason_str", "unknown reason")
         transient = result == 0x02
