@@ -165,18 +165,20 @@ def post_to_carebridge(carebridge: Carebridge, resources: list[dict[str, Any]]) 
     return [issue["details"]["coding"][0]["code"] for issue in response.json()["issue"]]
 
 
-def notify(carebridge: Carebridge, focus: str) -> None:
-    """An R4 backport id-only event-notification naming ``focus``."""
+def notify(
+    carebridge: Carebridge, focus: str, subscription: str = "Subscription/vitals", number: int = 1
+) -> None:
+    """An R4 backport id-only event-notification naming ``focus`` as event ``number``."""
     parameters = [
-        {"name": "subscription", "valueReference": {"reference": "Subscription/vitals"}},
+        {"name": "subscription", "valueReference": {"reference": subscription}},
         {"name": "topic", "valueCanonical": "http://example.org/topic/vitals"},
         {"name": "status", "valueCode": "active"},
         {"name": "type", "valueCode": "event-notification"},
-        {"name": "events-since-subscription-start", "valueString": "1"},
+        {"name": "events-since-subscription-start", "valueString": str(number)},
         {
             "name": "notification-event",
             "part": [
-                {"name": "event-number", "valueString": "1"},
+                {"name": "event-number", "valueString": str(number)},
                 {"name": "focus", "valueReference": {"reference": focus}},
             ],
         },
@@ -209,6 +211,17 @@ def notify(carebridge: Carebridge, focus: str) -> None:
         timeout=30,
     )
     assert response.status_code == 202, response.text
+
+
+def all_events(carebridge: Carebridge) -> list[dict[str, Any]]:
+    """Audit events without a subject (e.g. a catch-up), from the database."""
+    import sqlalchemy
+
+    with carebridge.database.engine.connect() as connection:
+        rows = connection.execute(
+            sqlalchemy.text("select event_type, detail from audit_events where subject is null")
+        ).all()
+    return [{"type": t, "detail": d if isinstance(d, dict) else json.loads(d)} for t, d in rows]
 
 
 def the_ehr_has(ehr: FhirServerPeer, resource_type: str, patient: str) -> list[dict[str, Any]]:
@@ -422,3 +435,32 @@ def test_webhook_killed_right_after_its_202_the_event_is_still_processed(
             what="the RiskAssessment of events taken before the kill",
         )
         assert carebridge.scalar("select count(*) from fhir_events where status = 'processed'") == 2
+
+        # A notification numbered 3 when 1 was the last: event 2 of this Subscription was
+        # missed. The EHR has no $events, so carebridge searches the Subscription's
+        # criteria and files the missed Observation.
+        subscription = ehr.create(
+            {
+                "resourceType": "Subscription",
+                "status": "active",
+                "reason": "carebridge",
+                "criteria": f"Observation?subject={reference}",
+                "channel": {"type": "rest-hook", "endpoint": f"{carebridge.fhir_url}/fhir/notify"},
+            }
+        )
+        missed = ehr.create(quantity(reference, "8462-4", 88, "mmHg", "mm[Hg]"))
+        latest = ehr.create(quantity(reference, "2093-3", 212, "mg/dL", "mg/dL"))
+        carebridge.start_fhir()
+        notify(carebridge, f"Observation/{latest['id']}", f"Subscription/{subscription['id']}", 1)
+        notify(carebridge, f"Observation/{latest['id']}", f"Subscription/{subscription['id']}", 3)
+        catch_up = wait_until(
+            lambda: [
+                e
+                for e in carebridge.audit_show(reference)["events"] + all_events(carebridge)
+                if e["type"] == "fhir.catch_up"
+            ],
+            timeout=120,
+            what="the catch-up of the missed events",
+        )
+        assert catch_up[0]["detail"]["method"] == "search"
+        assert f"Observation/{missed['id']}" in catch_up[0]["detail"]["resources"]

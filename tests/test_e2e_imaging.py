@@ -6,6 +6,7 @@ pydicom-data goes through the same pipeline and gives valid outputs."""
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 
@@ -173,3 +174,7 @@ def test_real_chest_radiograph_gives_a_valid_sr_and_fhir_twin(
         ]
         identifiers = {i["value"] for i in diagnostic["identifier"]}
         assert f"urn:oid:{outputs['dicom-sr']['sop_instance_uid']}" in identifiers
+        # The image with the finding burned in, for the clinician reading the EHR.
+        (rendering,) = diagnostic["presentedForm"]
+        assert rendering["contentType"] == "image/png"
+        assert base64.b64decode(rendering["data"]).startswith(b"\x89PNG\r\n\x1a\n")
