@@ -23,6 +23,7 @@ from monai.networks.nets import resnet18
 from models.bundle import ModelExpectation, is_external_model, load_external_model
 from models.card import ModelCard, ModelLoadError, load_weights, read_model_card
 from models.cxr.preprocess import PREPROCESSING_ID, PREPROCESSING_SPEC, preprocess_dataset
+from models.device import resolve_device
 from models.provenance import CodedLabel, ModelProvenance
 
 NORMAL = CodedLabel("normal", "17621005", "SCT", "Normal")
@@ -73,21 +74,6 @@ class ClassificationResult:
     label: CodedLabel
     probability: float
     probabilities: dict[str, float]
-
-
-def resolve_device(device: str) -> torch.device:
-    """Map ``"auto"`` to CUDA when available, else CPU; check that a CUDA device exists."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'auto'") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(
-            f"device {device!r} requested but no CUDA device is available: use 'cpu' or 'auto'"
-        )
-    return resolved
 
 
 def check_card(card: ModelCard) -> None:

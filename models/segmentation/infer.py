@@ -22,7 +22,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from models.card import ModelCard, ModelLoadError, load_weights, read_model_card
-from models.cxr.classifier import resolve_device
+from models.device import resolve_device
 from models.provenance import CodedLabel, ModelProvenance
 from models.segmentation import LIVER
 from models.segmentation.measure import mean_hu, volume_ml

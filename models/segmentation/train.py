@@ -24,7 +24,7 @@ from monai.utils import set_determinism
 from pydantic import JsonValue
 
 from models.card import LabelSpec, ModelCardDraft, load_weights, read_model_card, write_model_dir
-from models.cxr.classifier import resolve_device
+from models.device import resolve_device
 from models.segmentation.data import LabelFormat, case_names, iter_cases, phantom_case
 from models.segmentation.evaluate import evaluate_liver
 from models.segmentation.fit import (

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from models.card import ModelCard, ModelLoadError, load_weights, read_model_card
+from models.device import resolve_device
 from models.provenance import CodedLabel, ModelProvenance
 from models.symptoms.context import Category, ConText, ContextRules
 from models.symptoms.encoder import EMBEDDING_DIM, EncoderInfo, SentenceEncoder, encoder_info
@@ -71,21 +72,6 @@ EVIDENCE_FEATURES = (
     "prototype_cosine",
 )
 DEFAULT_TOP_K = 5
-
-
-def resolve_device(device: str) -> torch.device:
-    """Map ``"auto"`` to CUDA when available, else CPU; refuse CUDA when there is none."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'auto'") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(
-            f"device {device!r} requested but no CUDA device is available: use 'cpu' or 'auto'"
-        )
-    return resolved
 
 
 # --- outputs ------------------------------------------------------------------------------
