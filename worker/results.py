@@ -29,6 +29,7 @@ from db.schema import (
 )
 from models.provenance import CodedLabel, ModelProvenance
 from worker.jobs import ClaimedJob
+from worker.outputs.dicom_common import SRReference
 from worker.runtime import Runtime
 from worker.settings import Settings
 
@@ -155,6 +156,20 @@ def destinations_for(settings: Settings, kind: str) -> list[str]:
     if kind == FHIR_BUNDLE:
         return [settings.ehr_base_url] if settings.ehr_base_url else []
     return [str(destination) for destination in settings.destinations]
+
+
+def superseded_sr(session: Session, job: ClaimedJob, result_id: int) -> SRReference | None:
+    """The newest earlier SR of this study and pipeline, for the new SR's Predecessor
+    Documents Sequence; None on a study's first run."""
+    before = previous_output(session, job, "dicom-sr", result_id)
+    if before is None or job.study_instance_uid is None:
+        return None
+    return SRReference(
+        study_instance_uid=job.study_instance_uid,
+        series_instance_uid=str(before.series_instance_uid),
+        sop_class_uid=str(before.sop_class_uid),
+        sop_instance_uid=str(before.sop_instance_uid),
+    )
 
 
 @dataclass(frozen=True)

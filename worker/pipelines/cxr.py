@@ -27,8 +27,8 @@ from worker.results import (
     get_or_create_output,
     get_or_create_result,
     load_inputs,
-    previous_output,
     sha256_file,
+    superseded_sr,
 )
 from worker.runtime import Runtime
 
@@ -107,17 +107,7 @@ def run_cxr_classification(runtime: Runtime, job: ClaimedJob) -> list[int]:
             COMPREHENSIVE_3D_SR,
             lambda: (generate_uid(), generate_uid()),
         )
-        before = previous_output(session, job, "dicom-sr", result.id)
-        predecessor = (
-            SRReference(
-                study_instance_uid=study_uid,
-                series_instance_uid=str(before.series_instance_uid),
-                sop_class_uid=str(before.sop_class_uid),
-                sop_instance_uid=str(before.sop_instance_uid),
-            )
-            if before is not None
-            else None
-        )
+        predecessor = superseded_sr(session, job, result.id)
         # The stored result is the truth: a rerun rebuilds the same SR from it.
         stored_finding = ClassificationFinding(
             label=next(label for label in labels if label.code_value == result.finding_code),

@@ -41,8 +41,8 @@ from worker.results import (
     get_or_create_output,
     get_or_create_result,
     load_inputs,
-    previous_output,
     sha256_file,
+    superseded_sr,
 )
 from worker.runtime import Runtime
 
@@ -116,17 +116,7 @@ def run_liver_segmentation(runtime: Runtime, job: ClaimedJob) -> list[int]:
             SEGMENTATION_STORAGE,
             lambda: (str(seg.SeriesInstanceUID), str(seg.SOPInstanceUID)),
         )
-        before = previous_output(session, job, "dicom-sr", result.id)
-        predecessor = (
-            SRReference(
-                study_instance_uid=study_uid,
-                series_instance_uid=str(before.series_instance_uid),
-                sop_class_uid=str(before.sop_class_uid),
-                sop_instance_uid=str(before.sop_instance_uid),
-            )
-            if before is not None
-            else None
-        )
+        predecessor = superseded_sr(session, job, result.id)
         seg_id = seg_row.id
     measurement = VolumeMeasurement(stored["volume_ml"], stored["mean_hu"])
     sr = build_volume_sr(sources, seg, [measurement], provenance, predecessor=predecessor)
