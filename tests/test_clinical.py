@@ -339,6 +339,7 @@ def test_cds_hooks_cards_come_from_the_stored_suggestion(
         assert careplan["resourceType"] == "CarePlan"
         assert (careplan["status"], careplan["intent"]) == ("draft", "proposal")
         assert careplan["subject"] == {"reference": PATIENT}
+        assert "urn:uuid:" not in json.dumps(careplan)  # nothing that only a Bundle resolves
         validate_r4(careplan)
         nobody = client.post(
             f"/cds-services/{service}",

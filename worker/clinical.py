@@ -275,7 +275,11 @@ def _read_from_ehr(runtime: Runtime, event: _EventSnapshot) -> dict[str, Any] | 
                     .where(FhirEvent.id == event.id)
                     .values(status=FhirEventStatus.RECEIVED, queued_at=utcnow(), error=str(exc))
                 )
-            log.warning("FHIR event %d: EHR read failed, will retry: %s", event.id, exc)
+            log.warning(
+                "FHIR event %d: EHR read failed (HTTP %s), will retry",
+                event.id,
+                getattr(exc, "status_code", None) or "no answer",
+            )
             return None
         _finish_event(runtime, event.id, FhirEventStatus.FAILED, error=f"EHR read: {exc}")
         return None

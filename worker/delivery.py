@@ -174,4 +174,11 @@ def execute_delivery(runtime: Runtime, delivery_id: int) -> None:
     if error is None:
         log.info("delivery %d sent to %s", claimed.id, claimed.destination)
     else:
-        log.warning("delivery %d to %s: %s (%s)", claimed.id, claimed.destination, event, error)
+        # An EHR's OperationOutcome may quote the resource it refused: the text stays in
+        # deliveries.last_error, the log gets the HTTP status only.
+        reason = (
+            f"HTTP {getattr(error, 'status_code', None) or 'no answer'}"
+            if claimed.kind == FHIR_BUNDLE
+            else str(error)
+        )
+        log.warning("delivery %d to %s: %s (%s)", claimed.id, claimed.destination, event, reason)

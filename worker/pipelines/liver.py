@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -142,13 +143,14 @@ def run_liver_segmentation(runtime: Runtime, job: ClaimedJob) -> list[int]:
             lambda: (str(key.SeriesInstanceUID), str(key.SOPInstanceUID)),
         ).id
     written = []
-    for output_id, dataset, write in (
+    writers: list[tuple[int, Dataset, Callable[[Dataset, Path], object]]] = [
         (seg_id, seg, write_seg_and_read_back),
         (sr_id, sr, write_volume_sr_and_read_back),
         (key_id, key, write_key_image_and_read_back),
-    ):
+    ]
+    for output_id, dataset, write in writers:
         relpath = _relpath(study_uid, str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID))
-        write(dataset, archive / relpath)  # type: ignore[operator]
+        write(dataset, archive / relpath)
         written.append(WrittenOutput(output_id, relpath, sha256_file(Path(archive / relpath))))
     timings["dicom_ms"] = (time.perf_counter() - clock) * 1000
 

@@ -27,12 +27,10 @@ MAX_PROPOSALS = 3
 
 
 def _careplan_for_card(careplan: dict[str, Any], subject: str) -> dict[str, Any]:
-    """The CarePlan as a CDS Hooks action may create it: no bundle-internal references."""
-    return {
-        key: value
-        for key, value in careplan.items()
-        if key not in ("author", "meta", "identifier") and "urn:uuid:" not in repr(value)
-    } | {"subject": {"reference": subject}}
+    """The CarePlan as a CDS Hooks action may create it: without the author, which is the
+    Device's bundle-internal ``urn:uuid`` reference, and with the literal subject."""
+    card = {key: value for key, value in careplan.items() if key != "author"}
+    return card | {"subject": {"reference": subject}}
 
 
 def run_treatment_suggestion(runtime: Runtime, job: ClaimedJob) -> list[int]:
