@@ -15,18 +15,24 @@ import os
 import re
 import socket
 import ssl
+import struct
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.datadict import tag_for_keyword
 from pydicom.filereader import data_element_generator
+from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
     evt,
 )
@@ -37,7 +43,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from db import audit
 from db.engine import Database
 from db.ingest import InstanceRecorder, ReceivedInstance, instance_exists
-from worker.routing import series_attributes
+from listeners.dicom_transport import EventDrivenRequestHandler
+from worker.routing import ROUTED_ATTRIBUTES, series_attributes
 from worker.settings import Settings
 
 log = logging.getLogger("carebridge.dicom")
@@ -54,6 +61,12 @@ STATUS_UID_MISMATCH = 0xC212
 MAX_PDU_SIZE = 262_144
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 UID_ATTRIBUTES = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# What the C-STORE handler reads from a dataset: the UIDs, the routed attributes and the
+# character set they are decoded with.
+_SCANNED_TAGS = frozenset(
+    BaseTag(tag_for_keyword(keyword) or 0)
+    for keyword in (*UID_ATTRIBUTES, *ROUTED_ATTRIBUTES, "SpecificCharacterSet")
+)
 
 
 def is_valid_uid(value: object) -> bool:
@@ -97,7 +110,26 @@ def ensure_directory(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def write_new_file(final: Path, payload: bytes) -> bool:
+def _sha256(parts: tuple[bytes | memoryview, ...]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _write_all(fd: int, parts: tuple[bytes | memoryview, ...]) -> None:
+    """Write ``parts`` in order, with one system call when the kernel takes them all."""
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def write_new_file(final: Path, payload: tuple[bytes | memoryview, ...]) -> bool:
     """Create ``final`` (never replacing it), write ``payload`` and sync file and directory.
 
     Returns False when ``final`` already exists. A crash mid-write can leave a partial file
@@ -109,9 +141,7 @@ def write_new_file(final: Path, payload: bytes) -> bool:
     except FileExistsError:
         return False
     try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, payload)
         # The new directory entry and the file's data are synced concurrently: both are
         # waited for, and the filesystem folds them into one journal commit (on ext4 this
         # is ~7x faster than one after the other).
@@ -126,15 +156,13 @@ def write_new_file(final: Path, payload: bytes) -> bool:
     return True
 
 
-def replace_durably(final: Path, payload: bytes) -> None:
+def replace_durably(final: Path, payload: tuple[bytes | memoryview, ...]) -> None:
     """Replace ``final`` atomically with ``payload``: synced temporary file, rename, sync."""
     ensure_directory(final.parent)
     tmp = final.parent / f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, payload)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -145,21 +173,72 @@ def replace_durably(final: Path, payload: bytes) -> None:
     _fsync_dir(final.parent)
 
 
-def check_complete(encoded: bytes, *, implicit_vr: bool, little_endian: bool) -> None:
-    """Raise ValueError unless ``encoded`` is a sequence of whole data elements.
+def scan_dataset(encoded: bytes | memoryview, *, implicit_vr: bool, little_endian: bool) -> Dataset:
+    """Walk the top-level elements of ``encoded`` once; return the ones the SCP reads.
 
-    pydicom decodes a truncated value silently (a short PixelData, say); storing such an
-    instance and answering success would lose data, so the element lengths are checked.
+    Raises ValueError unless ``encoded`` is a sequence of whole data elements: pydicom
+    decodes a truncated value silently (a short PixelData, say), and storing such an
+    instance and answering success would lose data. Large values (pixel data) are skipped
+    over, not copied: a truncated one ends the walk past the end of the bytes.
     """
     stream = io.BytesIO(encoded)
+    found: dict[BaseTag, Any] = {}
     consumed = 0
-    for raw in data_element_generator(stream, implicit_vr, little_endian, defer_size=None):
+    for raw in data_element_generator(stream, implicit_vr, little_endian, defer_size=1024):
         length = getattr(raw, "length", 0xFFFFFFFF)
         if length != 0xFFFFFFFF and raw.value is not None and len(raw.value) != length:
             raise ValueError("a data element is truncated")
+        if raw.tag in _SCANNED_TAGS:
+            found[raw.tag] = raw
         consumed = stream.tell()
     if consumed != len(encoded):
         raise ValueError("the dataset ends inside a data element")
+    dataset = Dataset(found)
+    dataset.set_original_encoding(implicit_vr, little_endian)
+    return dataset
+
+
+def check_complete(encoded: bytes, *, implicit_vr: bool, little_endian: bool) -> None:
+    """Raise ValueError unless ``encoded`` is a sequence of whole data elements."""
+    scan_dataset(encoded, implicit_vr=implicit_vr, little_endian=little_endian)
+
+
+def file_meta_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information of a received instance (PS3.10 7.1).
+
+    The same elements, in the same encoding, as pynetdicom's ``Event.encoded_dataset``
+    writes; encoded here directly because pydicom's general writer costs more than the
+    rest of the C-STORE's bookkeeping.
+    """
+    elements = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _uid_value(sop_class_uid)),
+            _meta_element(0x0003, b"UI", _uid_value(sop_instance_uid)),
+            _meta_element(0x0010, b"UI", _uid_value(transfer_syntax)),
+            _meta_element(0x0012, b"UI", _uid_value(PYNETDICOM_IMPLEMENTATION_UID)),
+            _meta_element(0x0013, b"SH", _text_value(PYNETDICOM_IMPLEMENTATION_VERSION)),
+        )
+    )
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(elements)))
+    return b"\x00" * 128 + b"DICM" + group_length + elements
+
+
+def _uid_value(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    return value + b"\x00" if len(value) % 2 else value
+
+
+def _text_value(text: str) -> bytes:
+    value = text.encode("ascii")
+    return value + b" " if len(value) % 2 else value
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    tag = struct.pack("<HH", 0x0002, element)
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):  # 4-byte length after 2 reserved bytes
+        return tag + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
 
 
 @dataclass
@@ -291,13 +370,16 @@ class StorageSCP:
         request: Any = event.request
         try:
             transfer_syntax = event.context.transfer_syntax
-            if transfer_syntax != DeflatedExplicitVRLittleEndian:
-                check_complete(
-                    request.DataSet.getvalue(),
-                    implicit_vr=transfer_syntax.is_implicit_VR,
-                    little_endian=transfer_syntax.is_little_endian,
-                )
-            dataset: Dataset = event.dataset
+            received_bytes: bytes = request.DataSet.getvalue()
+            if transfer_syntax == DeflatedExplicitVRLittleEndian:
+                scanned = zlib.decompressobj(-zlib.MAX_WBITS).decompress(received_bytes)
+            else:
+                scanned = received_bytes
+            dataset = scan_dataset(
+                scanned,
+                implicit_vr=transfer_syntax.is_implicit_VR,
+                little_endian=transfer_syntax.is_little_endian,
+            )
             uids = {name: dataset.get(name) for name in UID_ATTRIBUTES}
             attributes = series_attributes(dataset)
         except Exception:  # undecodable bytes: never log the dataset
@@ -320,7 +402,12 @@ class StorageSCP:
         sop_uid = str(uids["SOPInstanceUID"])
         relpath = instance_relpath(study_uid, str(uids["SeriesInstanceUID"]), sop_uid)
 
-        payload = event.encoded_dataset(include_meta=True)
+        # The bytes as received, behind their File Meta Information: written and hashed
+        # in two parts, never joined into one copy.
+        payload = (
+            file_meta_prefix(str(request.AffectedSOPClassUID), sop_uid, str(transfer_syntax)),
+            received_bytes,
+        )
         final = self.archive_dir / relpath
         try:
             created = write_new_file(final, payload)
@@ -355,10 +442,10 @@ class StorageSCP:
             series_instance_uid=str(uids["SeriesInstanceUID"]),
             sop_instance_uid=sop_uid,
             sop_class_uid=str(uids["SOPClassUID"]),
-            transfer_syntax_uid=str(event.context.transfer_syntax),
+            transfer_syntax_uid=str(transfer_syntax),
             path=relpath,
-            size_bytes=len(payload),
-            sha256=hashlib.sha256(payload).hexdigest(),
+            size_bytes=sum(len(part) for part in payload),
+            sha256=_sha256(payload),
             calling_ae=str(event.assoc.requestor.ae_title).strip()[:16],
             series_attributes=attributes,
         )
@@ -403,6 +490,7 @@ class StorageSCP:
             evt_handlers=self.handlers(),
             ssl_context=self.tls_context(),
             server_class=_ReusePortServer,
+            request_handler=EventDrivenRequestHandler,
         )
         self.ae._servers.append(server)  # as start_server does; shutdown() removes it
         threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()

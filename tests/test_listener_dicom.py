@@ -22,8 +22,10 @@ from listeners.dicom import (
     STATUS_OUT_OF_RESOURCES_DATABASE,
     STATUS_OUT_OF_RESOURCES_DISK,
     StorageSCP,
+    file_meta_prefix,
     instance_relpath,
     is_valid_uid,
+    scan_dataset,
 )
 from tests.fixtures_dicom import CR_IMAGE_STORAGE, make_cr_dataset
 from tests.peers import free_port
@@ -283,3 +285,88 @@ def test_leftover_file_without_row_is_replaced(scp: Running) -> None:
     assert scp.count(Instance) == 1
     assert pydicom.dcmread(leftover).SOPInstanceUID == ds.SOPInstanceUID
     assert [p.name for p in leftover.parent.iterdir()] == [leftover.name]
+
+
+@pytest.mark.parametrize(
+    "sop_instance_uid",
+    ["1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.12"],  # odd and even length
+)
+def test_file_meta_is_pynetdicoms_encoding(sop_instance_uid: str) -> None:
+    from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    expected = encode_file_meta(
+        create_file_meta(
+            sop_class_uid=CTImageStorage,
+            sop_instance_uid=pydicom.uid.UID(sop_instance_uid),
+            transfer_syntax=ImplicitVRLittleEndian,
+        )
+    )
+    prefix = file_meta_prefix(CTImageStorage, sop_instance_uid, ImplicitVRLittleEndian)
+    assert prefix[:132] == b"\x00" * 128 + b"DICM"
+    assert prefix[132:] == expected
+
+
+def test_stored_bytes_are_the_received_dataset(scp: Running) -> None:
+    """The file is the File Meta Information followed by the dataset exactly as sent, and
+    the row's hash and size are those of the file."""
+    import hashlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = make_cr_dataset()
+    assert scp.store(ds) == [0]
+    (stored,) = scp.files()
+    sent = DicomBytesIO()
+    sent.is_little_endian, sent.is_implicit_VR = True, False
+    write_dataset(sent, ds)
+    raw = stored.read_bytes()
+    assert raw.endswith(sent.getvalue())
+    assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    with scp.database.session() as session:
+        row = session.execute(select(Instance)).scalar_one()
+    assert row.sha256 == hashlib.sha256(raw).hexdigest()
+    assert row.size_bytes == len(raw)
+    assert row.transfer_syntax_uid == pydicom.uid.ExplicitVRLittleEndian
+
+
+def test_deflated_dataset_is_checked_and_stored_as_received(scp: Running) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CR_IMAGE_STORAGE, DeflatedExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CAREBRIDGE")
+    assert assoc.is_established
+    ds = make_cr_dataset()
+    ds.BodyPartExamined = "CHEST"
+    status = int(assoc.send_c_store(ds).Status)
+    assoc.release()
+    assert status == 0
+    (stored,) = scp.files()
+    read = pydicom.dcmread(stored)
+    assert read.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert read.PixelData == ds.PixelData
+    with scp.database.session() as session:
+        row = session.execute(select(Instance)).scalar_one()
+        from db.schema import Series
+
+        series = session.execute(select(Series)).scalar_one()
+    assert row.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    assert series.attributes["BodyPartExamined"] == "CHEST"
+
+
+def test_scan_refuses_truncated_pixel_data() -> None:
+    """Large values are skipped over, not read: a short one is still caught."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, make_cr_dataset())
+    encoded = buffer.getvalue()
+    scanned = scan_dataset(encoded, implicit_vr=False, little_endian=True)
+    assert str(scanned.SOPClassUID) == CR_IMAGE_STORAGE
+    for cut in (1, 7, 1000):
+        with pytest.raises(ValueError):
+            scan_dataset(encoded[:-cut], implicit_vr=False, little_endian=True)
