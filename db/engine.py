@@ -16,7 +16,7 @@ class DatabaseUnavailable(RuntimeError):
     """The database cannot be reached or refused the write; the caller should retry later."""
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_engine(url: str, *, durable_commits: bool = True) -> Engine:
     parsed = make_url(url)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -26,8 +26,11 @@ def _sqlite_engine(url: str) -> Engine:
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before we answer a C-STORE with success.
-        cursor.execute("PRAGMA synchronous=FULL")
+        # FULL: a commit is on disk when it returns. NORMAL (WAL): a commit survives a
+        # crash of the process, and a power loss may undo the last ones; only the DICOM
+        # listener uses it, and it re-indexes its archive files on start (see
+        # listeners.dicom.StorageSCP.index_unrecorded).
+        cursor.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
@@ -44,10 +47,12 @@ def _sqlite_engine(url: str) -> Engine:
 class Database:
     """One engine and its session factory."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, durable_commits: bool = True) -> None:
+        """``durable_commits=False`` (SQLite only): commits are not synced to disk one by
+        one; for a writer whose rows can be rebuilt from files it has synced itself."""
         self.url = url
         if url.startswith("sqlite"):
-            self.engine = _sqlite_engine(url)
+            self.engine = _sqlite_engine(url, durable_commits=durable_commits)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)

@@ -106,15 +106,24 @@ def listen_dicom(
     processes: Annotated[
         int, typer.Option(min=1, max=64, help="Listener processes sharing the port.")
     ] = 1,
+    recover: Annotated[
+        bool,
+        typer.Option(help="First record archive files whose row a power loss undid."),
+    ] = True,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the DICOM SCP (C-ECHO, C-STORE) and, by default, the sweeper."""
     _logging(log_level)
     settings = _settings()
     database = _database(settings)
+    from db.engine import Database
     from listeners.dicom import StorageSCP
 
-    scp = StorageSCP(settings, database)
+    # The SCP's own engine: its SQLite commits are not synced one by one (each instance's
+    # file is), and the rows a power loss could undo are rebuilt from the files here.
+    scp = StorageSCP(settings, Database(settings.database_url, durable_commits=False))
+    if recover:
+        scp.index_unrecorded()
     server = scp.start()
     stop = _wait_for_signal()
     # Extra processes bind the same port (SO_REUSEPORT); only this one sweeps.
@@ -126,6 +135,7 @@ def listen_dicom(
                 "listeners.cli",
                 "listen-dicom",
                 "--no-sweeper",
+                "--no-recover",  # done above, before they start
                 "--log-level",
                 log_level,
             ]

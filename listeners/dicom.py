@@ -20,14 +20,15 @@ import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
-from pydicom.filereader import data_element_generator
+from pydicom.filereader import data_element_generator, read_file_meta_info
 from pydicom.tag import BaseTag
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -38,11 +39,13 @@ from pynetdicom import (
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import audit
 from db.engine import Database
 from db.ingest import InstanceRecorder, ReceivedInstance, instance_exists
+from db.schema import Instance
 from listeners.dicom_transport import EventDrivenRequestHandler
 from worker.routing import ROUTED_ATTRIBUTES, series_attributes
 from worker.settings import Settings
@@ -463,6 +466,81 @@ class StorageSCP:
         log.debug("stored instance %s of study %s", uid_digest(sop_uid), uid_digest(study_uid))
         return STATUS_SUCCESS
 
+    # Recovery -----------------------------------------------------------------------
+
+    def index_unrecorded(self, margin_seconds: float = 300.0) -> int:
+        """Record archive files whose row is missing; returns how many were recorded.
+
+        The listener's SQLite commits are not synced one by one (the instance's file is):
+        a power loss can undo the last rows of instances already acknowledged, whose files
+        are on disk. On start, every series directory changed since shortly before the
+        newest surviving row is looked through, and each complete instance file without a
+        row is recorded as if just received. A partial file (a write that was never
+        acknowledged) is left for the sender's retry to replace.
+        """
+        root = self.archive_dir / "instances"
+        if not root.is_dir():
+            return 0
+        with self.database.session() as session:
+            newest = session.execute(
+                select(Instance.received_at).order_by(Instance.id.desc()).limit(1)
+            ).scalar_one_or_none()
+        cutoff = (
+            newest.replace(tzinfo=UTC).timestamp() - margin_seconds if newest is not None else 0.0
+        )
+        recorded = skipped = 0
+        studies: set[str] = set()
+        for study_dir in _subdirectories(root):
+            for series_dir in _subdirectories(study_dir):
+                if series_dir.stat().st_mtime < cutoff:
+                    continue  # no entry created in it since the cutoff
+                candidates = {
+                    path.name[: -len(".dcm")]: path
+                    for path in series_dir.iterdir()
+                    if path.name.endswith(".dcm")
+                    and not path.name.startswith(".")
+                    and path.stat().st_mtime >= cutoff
+                }
+                if not candidates:
+                    continue
+                with self.database.session() as session:
+                    known = set(
+                        session.execute(
+                            select(Instance.sop_instance_uid).where(
+                                Instance.sop_instance_uid.in_(list(candidates))
+                            )
+                        ).scalars()
+                    )
+                for sop_uid, path in candidates.items():
+                    if sop_uid in known:
+                        continue
+                    received = _recovered_instance(
+                        path, study_dir.name, series_dir.name, sop_uid, self.archive_dir
+                    )
+                    if received is None:
+                        skipped += 1
+                        continue
+                    with self.database.session() as session:
+                        if self.recorder.record(session, received):
+                            recorded += 1
+                            studies.add(received.study_instance_uid)
+        if skipped:
+            log.warning("%d incomplete archive files without a row, left for a resend", skipped)
+        if recorded:
+            log.warning("%d archive files without a row recorded", recorded)
+            with self.database.session() as session:
+                audited: list[str | None] = [*sorted(studies)]
+                for study_uid in audited:
+                    audit.append(
+                        session,
+                        "dicom.recovered",
+                        actor="listener",
+                        study_instance_uid=study_uid,
+                        recorded=recorded,
+                        incomplete=skipped,
+                    )
+        return recorded
+
     # Server -------------------------------------------------------------------------
 
     def tls_context(self) -> ssl.SSLContext | None:
@@ -501,6 +579,57 @@ class StorageSCP:
             self.settings.dicom_port,
         )
         return server
+
+
+def _subdirectories(path: Path) -> list[Path]:
+    return [Path(entry.path) for entry in os.scandir(path) if entry.is_dir(follow_symlinks=False)]
+
+
+def _recovered_instance(
+    path: Path, study_uid: str, series_uid: str, sop_uid: str, archive_dir: Path
+) -> ReceivedInstance | None:
+    """What an archive file says about itself, or None unless it is a whole instance whose
+    UIDs are the ones its path was built from."""
+    try:
+        raw = path.read_bytes()
+        if raw[128:132] != b"DICM":
+            return None
+        meta = read_file_meta_info(path)
+        transfer_syntax = UID(str(meta.TransferSyntaxUID))
+        start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+        body: bytes = raw[start:]
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body)
+        dataset = scan_dataset(
+            body,
+            implicit_vr=transfer_syntax.is_implicit_VR,
+            little_endian=transfer_syntax.is_little_endian,
+        )
+        uids = {name: str(dataset.get(name, "")) for name in UID_ATTRIBUTES}
+        attributes = series_attributes(dataset)
+    except Exception:  # partial or foreign file: never log its content
+        return None
+    expected = {
+        "StudyInstanceUID": study_uid,
+        "SeriesInstanceUID": series_uid,
+        "SOPInstanceUID": sop_uid,
+    }
+    if any(uids[name] != value for name, value in expected.items()):
+        return None
+    if not is_valid_uid(uids["SOPClassUID"]):
+        return None
+    return ReceivedInstance(
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid,
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax_uid=str(transfer_syntax),
+        path=path.relative_to(archive_dir).as_posix(),
+        size_bytes=len(raw),
+        sha256=hashlib.sha256(raw).hexdigest(),
+        calling_ae="",
+        series_attributes=attributes,
+    )
 
 
 class _ReusePortServer(ThreadedAssociationServer):

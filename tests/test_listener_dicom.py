@@ -370,3 +370,53 @@ def test_scan_refuses_truncated_pixel_data() -> None:
     for cut in (1, 7, 1000):
         with pytest.raises(ValueError):
             scan_dataset(encoded[:-cut], implicit_vr=False, little_endian=True)
+
+
+def test_files_whose_rows_were_undone_are_recorded_on_start(tmp_path: Path) -> None:
+    """A power loss may undo the listener's last (unsynced) commits but not its synced
+    files: the next start records each whole file without a row, and leaves partial ones
+    (never acknowledged) for the sender's retry."""
+    import hashlib
+
+    from sqlalchemy import delete
+
+    first = Running(tmp_path)
+    kept, lost = make_cr_dataset(), make_cr_dataset()
+    assert first.store(kept, lost) == [0, 0]
+    first.stop()
+    database = Database(first.settings.database_url)
+    with database.session() as session:
+        session.execute(delete(Instance).where(Instance.sop_instance_uid == lost.SOPInstanceUID))
+    partial_ds = make_cr_dataset()
+    partial = first.settings.archive_dir / instance_relpath(
+        partial_ds.StudyInstanceUID, partial_ds.SeriesInstanceUID, partial_ds.SOPInstanceUID
+    )
+    partial.parent.mkdir(parents=True)
+    stored_lost = first.settings.archive_dir / instance_relpath(
+        lost.StudyInstanceUID, lost.SeriesInstanceUID, lost.SOPInstanceUID
+    )
+    partial.write_bytes(stored_lost.read_bytes()[:1000])
+
+    second = Running(tmp_path)
+    try:
+        assert second.scp.index_unrecorded() == 1
+        assert second.scp.index_unrecorded() == 0  # nothing left to do
+        with second.database.session() as session:
+            rows = {
+                row.sop_instance_uid: row for row in session.execute(select(Instance)).scalars()
+            }
+            recovered = session.execute(
+                select(AuditEvent).where(AuditEvent.event_type == "dicom.recovered")
+            ).scalar_one()
+        assert set(rows) == {kept.SOPInstanceUID, lost.SOPInstanceUID}
+        row = rows[lost.SOPInstanceUID]
+        assert row.sha256 == hashlib.sha256(stored_lost.read_bytes()).hexdigest()
+        assert row.sop_class_uid == CR_IMAGE_STORAGE
+        assert recovered.detail["recorded"] == 1
+        assert recovered.detail["incomplete"] == 1
+        # The sender's retry of the partial instance replaces it.
+        assert second.store(partial_ds) == [0]
+        assert second.count(Instance) == 3
+    finally:
+        second.stop()
+        database.dispose()
