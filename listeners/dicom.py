@@ -90,7 +90,7 @@ def instance_relpath(study_uid: str, series_uid: str, sop_uid: str) -> str:
     return f"instances/{study_uid}/{series_uid}/{sop_uid}.dcm"
 
 
-_SYNC_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dir-fsync")
+_SYNC_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="store-io")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -412,6 +412,9 @@ class StorageSCP:
             received_bytes,
         )
         final = self.archive_dir / relpath
+        # Hashed on another thread while this one writes and waits for the disk (hashlib
+        # releases the GIL on large buffers).
+        digest = _SYNC_POOL.submit(_sha256, payload)
         try:
             created = write_new_file(final, payload)
         except OSError as exc:
@@ -448,7 +451,7 @@ class StorageSCP:
             transfer_syntax_uid=str(transfer_syntax),
             path=relpath,
             size_bytes=sum(len(part) for part in payload),
-            sha256=_sha256(payload),
+            sha256=digest.result(),
             calling_ae=str(event.assoc.requestor.ae_title).strip()[:16],
             series_attributes=attributes,
         )
