@@ -27,6 +27,7 @@ class ReceivedInstance:
     sha256: str
     calling_ae: str
     series_attributes: dict[str, Any] = field(default_factory=dict)
+    patient_key: str | None = None  # DICOM Patient ID, to join imaging to the EHR's patient
 
 
 def instance_exists(session: Session, sop_instance_uid: str) -> bool:
@@ -109,6 +110,7 @@ class InstanceRecorder:
             received.study_instance_uid,
             {
                 "study_instance_uid": received.study_instance_uid,
+                "patient_key": received.patient_key,
                 "state": StudyState.RECEIVING.value,
                 "run_number": 0,
                 "instance_count": 0,

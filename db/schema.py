@@ -87,6 +87,9 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    # The DICOM Patient ID (0010,0020) of the study's first instance: joins imaging results
+    # to a FHIR Patient whose identifier in PATIENT_ID_SYSTEM has this value.
+    patient_key: Mapped[str | None] = mapped_column(String(64), index=True)
     state: Mapped[StudyState] = mapped_column(_enum(StudyState), default=StudyState.RECEIVING)
     run_number: Mapped[int] = mapped_column(Integer, default=0)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -195,6 +198,8 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(128))
     input_hash: Mapped[str] = mapped_column(String(64))
     inputs: Mapped[list[Any]] = mapped_column(JSON)  # instance or clinical resource ids
+    # A clinical job's imaging context: ids of the patient's imaging results it was given.
+    imaging_inputs: Mapped[list[int] | None] = mapped_column(JSON)
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)

@@ -68,7 +68,7 @@ UID_ATTRIBUTES = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SO
 # character set they are decoded with.
 _SCANNED_TAGS = frozenset(
     BaseTag(tag_for_keyword(keyword) or 0)
-    for keyword in (*UID_ATTRIBUTES, *ROUTED_ATTRIBUTES, "SpecificCharacterSet")
+    for keyword in (*UID_ATTRIBUTES, *ROUTED_ATTRIBUTES, "PatientID", "SpecificCharacterSet")
 )
 
 
@@ -204,6 +204,13 @@ def scan_dataset(encoded: bytes | memoryview, *, implicit_vr: bool, little_endia
 def check_complete(encoded: bytes, *, implicit_vr: bool, little_endian: bool) -> None:
     """Raise ValueError unless ``encoded`` is a sequence of whole data elements."""
     scan_dataset(encoded, implicit_vr=implicit_vr, little_endian=little_endian)
+
+
+def patient_key_of(dataset: Dataset) -> str | None:
+    """The instance's Patient ID (LO, at most 64 characters), or None when it has none."""
+    value = dataset.get("PatientID")
+    text = str(value).strip() if value is not None else ""
+    return text if 0 < len(text) <= 64 else None
 
 
 def file_meta_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
@@ -385,6 +392,7 @@ class StorageSCP:
             )
             uids = {name: dataset.get(name) for name in UID_ATTRIBUTES}
             attributes = series_attributes(dataset)
+            patient_key = patient_key_of(dataset)
         except Exception:  # undecodable bytes: never log the dataset
             self._count(event, "undecodable")
             log.warning("C-STORE refused: dataset cannot be decoded")
@@ -454,6 +462,7 @@ class StorageSCP:
             sha256=digest.result(),
             calling_ae=str(event.assoc.requestor.ae_title).strip()[:16],
             series_attributes=attributes,
+            patient_key=patient_key,
         )
         try:
             with self.database.session() as session:
@@ -610,6 +619,7 @@ def _recovered_instance(
         )
         uids = {name: str(dataset.get(name, "")) for name in UID_ATTRIBUTES}
         attributes = series_attributes(dataset)
+        patient_key = patient_key_of(dataset)
     except Exception:  # partial or foreign file: never log its content
         return None
     expected = {
@@ -632,6 +642,7 @@ def _recovered_instance(
         sha256=hashlib.sha256(raw).hexdigest(),
         calling_ae="",
         series_attributes=attributes,
+        patient_key=patient_key,
     )
 
 

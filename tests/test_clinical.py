@@ -408,3 +408,94 @@ def test_clinical_rules_cover_the_models_codes() -> None:
 def test_bad_clinical_rules_are_refused(text: str, message: str) -> None:
     with pytest.raises(RulesError, match=message):
         ClinicalRules.parse(text)
+
+
+def _imaging_result(
+    runtime: Runtime, study_uid: str, patient_key: str, meaning: str, probability: float
+) -> int:
+    """A chest X-ray result as the imaging pipeline stores it, on a study of ``patient_key``."""
+    from db.schema import Study, StudyState
+
+    with runtime.database.session() as session:
+        study = Study(
+            study_instance_uid=study_uid,
+            patient_key=patient_key,
+            state=StudyState.ROUTED,
+            run_number=1,
+            instance_count=1,
+        )
+        session.add(study)
+        session.flush()
+        job = Job(
+            study_id=study.id,
+            run_number=1,
+            pipeline="cxr-classification",
+            queue="gpu",
+            model="cxr-resnet18",
+            input_hash=study_uid.replace(".", "").ljust(64, "0"),
+            inputs=[],
+            status=JobStatus.SUCCEEDED,
+            attempts=1,
+            max_attempts=3,
+        )
+        session.add(job)
+        session.flush()
+        result = Result(
+            job_id=job.id,
+            study_id=study.id,
+            pipeline="cxr-classification",
+            input_hash=job.input_hash,
+            model_name="cxr-resnet18",
+            model_version="1.0.0",
+            device_uid="2.25.1",
+            weights_sha256="0" * 64,
+            demo_weights=True,
+            finding_code="363358000",
+            finding_scheme="SCT",
+            finding_meaning=meaning,
+            probability=probability,
+        )
+        session.add(result)
+        session.flush()
+        return result.id
+
+
+def test_the_patients_imaging_results_join_the_treatment_context(
+    deployment: tuple[Runtime, Dispatcher],
+) -> None:
+    """A chest X-ray of the same patient (DICOM Patient ID = the Patient's identifier in
+    PATIENT_ID_SYSTEM) is in the treatment job's context and shown on the CarePlan; a
+    study of another patient is not."""
+    runtime, dispatcher = deployment
+    system = runtime.settings.patient_id_system
+    _imaging_result(runtime, "1.2.826.0.1.3680043.8.498.7", "OTHER-1", "Pneumonia", 0.91)
+    older = _imaging_result(runtime, "1.2.826.0.1.3680043.8.498.8", "MRN-77", "Normal", 0.6)
+    mine = _imaging_result(runtime, "1.2.826.0.1.3680043.8.498.9", "MRN-77", "Lung cancer", 0.87)
+    patient = {**VITALS_AND_LABS[0], "identifier": [{"system": system, "value": "MRN-77"}]}
+    receive(runtime, [patient, NSCLC, EGFR_L858R])
+    route(runtime, dispatcher)
+    with runtime.database.session() as session:
+        job = session.execute(
+            select(Job).where(Job.pipeline == "treatment-suggestion")
+        ).scalar_one()
+        assert job.status is JobStatus.SUCCEEDED, job.error
+        assert job.imaging_inputs == [mine]
+        assert older not in job.imaging_inputs
+        result = session.execute(select(Result).where(Result.job_id == job.id)).scalar_one()
+        output = session.execute(
+            select(OutputObject).where(OutputObject.result_id == result.id)
+        ).scalar_one()
+    (imaging,) = result.details["imaging"]
+    assert imaging["study_instance_uid"] == "1.2.826.0.1.3680043.8.498.9"
+    assert imaging["demo_weights"] is True
+    bundle = json.loads((runtime.settings.archive_dir / output.path).read_text())
+    validate_r4(bundle)
+    (careplan,) = [
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "CarePlan"
+    ]
+    notes = [note["text"] for note in careplan["note"]]
+    assert any(
+        "Imaging on file: Lung cancer (probability 0.87)" in text and "demo weights" in text
+        for text in notes
+    ), notes
+    assert not any("Pneumonia" in text for text in notes)

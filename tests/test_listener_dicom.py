@@ -114,6 +114,7 @@ def test_echo_and_store_commit_row_and_exact_bytes(scp: Running) -> None:
         )
         study = session.execute(select(Study)).scalar_one()
         assert study.instance_count == 1
+        assert study.patient_key == ds.PatientID  # joins imaging to the EHR's patient
 
 
 def test_duplicate_instance_is_noop_success(scp: Running) -> None:

@@ -33,6 +33,8 @@ from db.schema import (
     Job,
     JobStatus,
     Patient,
+    Result,
+    Study,
     StudyState,
     utcnow,
 )
@@ -389,15 +391,60 @@ def _catch_up(runtime: Runtime, request: _EventSnapshot) -> None:
 # Routing a quiet patient ---------------------------------------------------------------
 
 
-def _input_hash(resources: Sequence[ClinicalResource]) -> str:
+def _input_hash(resources: Sequence[ClinicalResource], imaging: Sequence[Result] = ()) -> str:
     keys = sorted(f"{r.resource_type}/{r.resource_id}@{r.content_sha256}" for r in resources)
+    keys += sorted(f"Result/{r.id}" for r in imaging)
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
+def patient_keys(resources: Sequence[ClinicalResource], patient_id_system: str | None) -> set[str]:
+    """The DICOM Patient IDs of a patient: its Patient resource's identifier values in
+    ``patient_id_system`` (the system carebridge's imaging outputs name patients with)."""
+    if not patient_id_system:
+        return set()
+    keys: set[str] = set()
+    for row in resources:
+        if row.resource_type != "Patient":
+            continue
+        for identifier in row.body.get("identifier") or []:
+            value = identifier.get("value") if isinstance(identifier, dict) else None
+            if identifier.get("system") == patient_id_system and isinstance(value, str):
+                keys.add(value)
+    return keys
+
+
+def latest_imaging_results(
+    session: Session, keys: set[str], pipelines: Sequence[str]
+) -> list[Result]:
+    """The newest result of each imaging pipeline on the studies of these Patient IDs."""
+    if not keys or not pipelines:
+        return []
+    rows = session.execute(
+        select(Result)
+        .join(Study, Result.study_id == Study.id)
+        .where(Study.patient_key.in_(sorted(keys)), Result.pipeline.in_(list(pipelines)))
+        .order_by(Result.created_at.desc(), Result.id.desc())
+    ).scalars()
+    latest: dict[str, Result] = {}
+    for row in rows:
+        latest.setdefault(row.pipeline, row)
+    return [latest[name] for name in pipelines if name in latest]
+
+
 def plan_patient_jobs(
-    session: Session, rules: ClinicalRules, patient: Patient, now: datetime, max_attempts: int
+    session: Session,
+    rules: ClinicalRules,
+    patient: Patient,
+    now: datetime,
+    max_attempts: int,
+    patient_id_system: str | None = None,
 ) -> list[tuple[int, str]]:
-    """Create the jobs a quiet patient's resources call for; (job id, queue) of each new one."""
+    """Create the jobs a quiet patient's resources call for; (job id, queue) of each new one.
+
+    A pipeline with ``imaging`` in the rules also gets the patient's latest imaging
+    results; their ids are part of the job's input hash, so a newer result gives a new job
+    the next time the patient is routed.
+    """
     resources = list(
         session.execute(
             select(ClinicalResource)
@@ -405,15 +452,17 @@ def plan_patient_jobs(
             .order_by(ClinicalResource.id)
         ).scalars()
     )
+    keys = patient_keys(resources, patient_id_system)
     created: list[tuple[int, str]] = []
     for pipeline in rules.pipelines:
         triggers = [r for r in resources if pipeline.is_trigger(r.body)]
         if not triggers:
             continue
         extras = [r for r in resources if r not in triggers and pipeline.is_input(r.body)]
+        imaging = latest_imaging_results(session, keys, pipeline.imaging)
         groups = [[t] for t in triggers] if pipeline.per_resource else [triggers + extras]
         for group in groups:
-            digest = _input_hash(group)
+            digest = _input_hash(group, imaging)
             exists = session.execute(
                 select(Job.id).where(
                     Job.patient_id == patient.id,
@@ -431,6 +480,7 @@ def plan_patient_jobs(
                 model=pipeline.model,
                 input_hash=digest,
                 inputs=[r.id for r in group],
+                imaging_inputs=[r.id for r in imaging] or None,
                 status=JobStatus.QUEUED,
                 attempts=0,
                 max_attempts=max_attempts,

@@ -59,6 +59,9 @@ class ClinicalPipeline:
     per_resource: bool
     triggers: tuple[ResourceSelector, ...]
     inputs: tuple[ResourceSelector, ...]
+    # Imaging pipelines (of the DICOM routing rules) whose latest result for the patient
+    # joins the context: matched by DICOM Patient ID = the Patient's PATIENT_ID_SYSTEM id.
+    imaging: tuple[str, ...] = ()
 
     def is_trigger(self, resource: Mapping[str, Any]) -> bool:
         return any(selector.matches(resource) for selector in self.triggers)
@@ -114,7 +117,9 @@ def _pipeline(name: Any, spec: Any, source: str) -> ClinicalPipeline:
     if not isinstance(spec, dict):
         raise RulesError(f"{where}: expected a mapping")
     _check_keys(
-        spec, ("queue", "model", "description", "per_resource", "triggers", "inputs"), where
+        spec,
+        ("queue", "model", "description", "per_resource", "triggers", "inputs", "imaging"),
+        where,
     )
     queue = spec.get("queue")
     if queue not in ("gpu", "cpu"):
@@ -129,6 +134,11 @@ def _pipeline(name: Any, spec: Any, source: str) -> ClinicalPipeline:
     if not triggers:
         raise RulesError(f"{where}: at least one trigger is required")
     inputs = _selectors(spec.get("inputs", []), f"{where} inputs")
+    imaging = spec.get("imaging", [])
+    if not isinstance(imaging, list) or not all(
+        isinstance(item, str) and _NAME.match(item) for item in imaging
+    ):
+        raise RulesError(f"{where}: 'imaging' must be a list of imaging pipeline names")
     return ClinicalPipeline(
         name=name,
         queue=queue,
@@ -137,6 +147,7 @@ def _pipeline(name: Any, spec: Any, source: str) -> ClinicalPipeline:
         per_resource=per_resource,
         triggers=triggers,
         inputs=inputs,
+        imaging=tuple(imaging),
     )
 
 

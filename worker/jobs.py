@@ -50,6 +50,7 @@ class ClaimedJob:
     attempt: int
     max_attempts: int
     queue: str
+    imaging_inputs: tuple[int, ...] = ()  # clinical jobs: the imaging results joined
 
 
 def job_scope(session: Session, job: Job) -> tuple[str | None, str | None]:
@@ -113,6 +114,7 @@ def claim_job(runtime: Runtime, job_id: int) -> ClaimedJob | None:
             attempt=job.attempts,
             max_attempts=job.max_attempts,
             queue=job.queue,
+            imaging_inputs=tuple(job.imaging_inputs or ()),
         )
 
 

@@ -201,7 +201,12 @@ class Sweeper:
                 patient = session.get(Patient, patient_id)
                 assert patient is not None
                 created = plan_patient_jobs(
-                    session, self.clinical_rules, patient, now, self.settings.job_max_attempts
+                    session,
+                    self.clinical_rules,
+                    patient,
+                    now,
+                    self.settings.job_max_attempts,
+                    self.settings.patient_id_system,
                 )
             report.patients_routed += 1
             report.jobs_created.extend(created)

@@ -404,10 +404,12 @@ def treatment_careplan(
     proposals: Sequence[TreatmentProposal],
     *,
     supporting_info: Sequence[ResourceRef] = (),
+    context_notes: Sequence[str] = (),
 ) -> FhirOutput:
     """A draft CarePlan (intent proposal) with one medication activity per proposal.
 
-    ``supporting_info`` are the biomarker Observations (and other results) it rests on.
+    ``supporting_info`` are the biomarker Observations (and other results) it rests on;
+    ``context_notes`` are lines of patient context shown with it (imaging findings).
     """
     if not proposals:
         raise ValueError("treatment_careplan needs at least one proposal")
@@ -439,7 +441,7 @@ def treatment_careplan(
     if supporting_info:
         body["supportingInfo"] = [ref.as_fhir() for ref in supporting_info]
     body["activity"] = activities
-    body["note"] = result.note()
+    body["note"] = result.note() + [{"text": text} for text in context_notes]
     result.output("careplan", "CarePlan", body)
     result.add_sources(ref.as_fhir() for ref in supporting_info)
     return result.finish()

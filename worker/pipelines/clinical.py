@@ -9,13 +9,16 @@ finds the stored result and rebuilds the same Bundle from it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from db.schema import ClinicalResource
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.schema import ClinicalResource, Result, Study
 from models.card import ModelLoadError
 from models.provenance import CodedLabel, ModelProvenance
 from worker.clinical import load_clinical_inputs
@@ -29,11 +32,54 @@ ModelT = TypeVar("ModelT")
 
 
 @dataclass(frozen=True)
+class ImagingFinding:
+    """One imaging result joined to a clinical job's patient context."""
+
+    result_id: int
+    pipeline: str
+    study_instance_uid: str
+    finding: str
+    probability: float | None
+    volume_ml: float | None
+    model: str  # name and version
+    demo_weights: bool
+    created_at: datetime
+
+    def summary(self) -> str:
+        """One line for a clinician: what, how sure, by which model, on which study."""
+        what = self.finding
+        if self.volume_ml is not None:
+            what += f" volume {self.volume_ml:.0f} mL"
+        if self.probability is not None:
+            what += f" (probability {self.probability:.2f})"
+        weights = ", demo weights" if self.demo_weights else ""
+        return (
+            f"Imaging on file: {what}, AI {self.pipeline} by {self.model}{weights}, "
+            f"unverified; study {self.study_instance_uid}, {self.created_at:%Y-%m-%d}."
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "result_id": self.result_id,
+            "pipeline": self.pipeline,
+            "study_instance_uid": self.study_instance_uid,
+            "finding": self.finding,
+            "probability": self.probability,
+            "volume_ml": self.volume_ml,
+            "model": self.model,
+            "demo_weights": self.demo_weights,
+            "summary": self.summary(),
+        }
+
+
+@dataclass(frozen=True)
 class PatientInputs:
-    """A clinical job's resources, as the EHR sent them, by type."""
+    """A clinical job's resources, as the EHR sent them, by type, and the patient's latest
+    imaging results (when the clinical rules join them)."""
 
     subject: str  # Patient/<id>
     resources: tuple[dict[str, Any], ...]
+    imaging: tuple[ImagingFinding, ...] = ()
 
     def of_type(self, resource_type: str) -> list[dict[str, Any]]:
         return [r for r in self.resources if r.get("resourceType") == resource_type]
@@ -54,9 +100,35 @@ def load_patient_inputs(runtime: Runtime, job: ClaimedJob) -> PatientInputs:
     with runtime.database.session() as session:
         rows = load_clinical_inputs(session, job.inputs)
         resources = tuple({**row.body, "id": row.resource_id} for row in rows)
+        imaging = tuple(_imaging_findings(session, job.imaging_inputs))
     if not resources:
         raise PermanentJobError("the job's input resources are gone")
-    return PatientInputs(job.subject, resources)
+    return PatientInputs(job.subject, resources, imaging)
+
+
+def _imaging_findings(session: Session, ids: Sequence[int]) -> list[ImagingFinding]:
+    if not ids:
+        return []
+    rows = session.execute(
+        select(Result, Study.study_instance_uid)
+        .join(Study, Result.study_id == Study.id)
+        .where(Result.id.in_(list(ids)))
+        .order_by(Result.id)
+    ).all()
+    return [
+        ImagingFinding(
+            result_id=result.id,
+            pipeline=result.pipeline,
+            study_instance_uid=study_uid,
+            finding=result.finding_meaning,
+            probability=result.probability,
+            volume_ml=result.details.get("volume_ml"),
+            model=f"{result.model_name} {result.model_version}",
+            demo_weights=result.demo_weights,
+            created_at=result.created_at,
+        )
+        for result, study_uid in rows
+    ]
 
 
 def load_model(

@@ -75,6 +75,8 @@ def run_treatment_suggestion(runtime: Runtime, job: ClaimedJob) -> list[int]:
         "resistance": [e.citation for e in assessment.resistance],
         "findings_without_evidence": list(assessment.findings_without_evidence),
         "notes": list(assessment.notes),
+        # Context only: imaging findings are shown to the clinician, never scored.
+        "imaging": [finding.as_json() for finding in inputs.imaging],
     }
     first = top[0]
     finding = CodedLabel(first.therapy, first.drugs[0].rxnorm, "RXNORM", first.therapy[:64])
@@ -92,7 +94,10 @@ def run_treatment_suggestion(runtime: Runtime, job: ClaimedJob) -> list[int]:
     ]
     basis = sorted({ref for s in stored.details["suggestions"] for ref in s["basis"]})
     output = treatment_careplan(
-        stored.context, proposals, supporting_info=[ResourceRef(ref) for ref in basis]
+        stored.context,
+        proposals,
+        supporting_info=[ResourceRef(ref) for ref in basis],
+        context_notes=[item["summary"] for item in stored.details.get("imaging", [])],
     )
     written = write_fhir_output(runtime, stored.id, [output])
     if "careplan" not in stored.details:  # the CDS Hooks card's action, stored once
