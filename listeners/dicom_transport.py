@@ -210,19 +210,27 @@ class EventDrivenAssociation(Association):
 
 
 class _BufferedSocket(AssociationSocket):
-    """Reads a PDU with ``recv_into`` one buffer instead of 4 KiB ``recv`` calls."""
+    """Reads a PDU with ``recv_into`` one buffer instead of 4 KiB ``recv`` calls.
+
+    The buffer is allocated up front only up to ``_PREALLOCATE``: a PDU header may claim
+    up to 4 GiB, and memory must follow what the peer actually sends, not what it claims.
+    """
+
+    _PREALLOCATE = 1 << 20
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         assert sock is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        buffer = bytearray(min(nr_bytes, self._PREALLOCATE))
         received = 0
         while received < nr_bytes:
-            count = sock.recv_into(view[received:])
+            if received == len(buffer):  # a large PDU that keeps coming: grow by a step
+                buffer.extend(bytes(min(nr_bytes - received, self._PREALLOCATE)))
+            with memoryview(buffer) as view:
+                count = sock.recv_into(view[received:])
             if not count:  # connection closed: what arrived so far, as pynetdicom does
-                del view
-                return buffer[:received]
+                del buffer[received:]
+                return buffer
             received += count
         return buffer
 
