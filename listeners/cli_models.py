@@ -161,6 +161,20 @@ def models_list() -> None:
             "yes" if card.demo else "no",
             status,
         )
+    from models.bundle import list_external_models
+
+    for external in list_external_models(settings.models_dir):
+        table.add_row(
+            external.path.name,
+            external.name,
+            external.version,
+            external.source,
+            (external.weights_sha256 or "")[:16],
+            "no",
+            f"[red]{external.problem}[/red]"
+            if external.problem
+            else "found (checked against a pipeline when it loads it)",
+        )
     console.print(table)
 
 

@@ -163,6 +163,88 @@ def is_external_model(path: Path) -> bool:
     return is_bundle_dir(path)
 
 
+@dataclass(frozen=True)
+class ExternalModelSummary:
+    """What ``carebridge models list`` says of a MONAI bundle or TorchScript file."""
+
+    path: Path
+    source: Source
+    name: str
+    version: str
+    weights_sha256: str | None
+    problem: str | None = None
+
+
+def list_external_models(models_dir: Path) -> list[ExternalModelSummary]:
+    """MONAI bundle directories (without a carebridge card) and TorchScript files directly
+    in ``models_dir``: the name and version their metadata gives, and their weights' sha256.
+
+    Nothing is loaded: whether a pipeline can use one (inputs, outputs, a probe forward
+    pass) is checked when the pipeline loads it. Sorted by name.
+    """
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return []
+    found: list[ExternalModelSummary] = []
+    for path in sorted(models_dir.iterdir()):
+        if path.is_dir() and not (path / CARD_FILE).is_file() and is_bundle_dir(path):
+            found.append(_summarise_bundle(path))
+        elif path.is_file() and path.suffix.lower() in TORCHSCRIPT_SUFFIXES:
+            found.append(_summarise_torchscript(path))
+    return found
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _summary(
+    path: Path, source: Source, metadata: dict[str, Any], sha: str | None, problem: str | None
+) -> ExternalModelSummary:
+    name = str(metadata.get("name") or (path.name if path.is_dir() else path.stem))
+    version = str(metadata.get("version") or (f"sha256-{sha[:12]}" if sha else ""))
+    return ExternalModelSummary(path, source, name[:_MAX_TEXT], version[:_MAX_TEXT], sha, problem)
+
+
+def _summarise_bundle(path: Path) -> ExternalModelSummary:
+    label = f"MONAI bundle {path.name!r}"
+    metadata: dict[str, Any] = {}
+    problem: str | None = None
+    try:
+        metadata = (
+            _read_json_file(path / "configs" / _METADATA, f"configs/{_METADATA} of {label}") or {}
+        )
+    except ModelLoadError as exc:
+        problem = str(exc)
+    weights = bundle_weights_path(path)
+    if weights is None:
+        return _summary(
+            path, "monai-bundle", metadata, None, problem or f"{label} has no models/model.*"
+        )
+    return _summary(path, "monai-bundle", metadata, _file_sha256(weights), problem)
+
+
+def _summarise_torchscript(path: Path) -> ExternalModelSummary:
+    metadata: dict[str, Any] = {}
+    problem: str | None = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(f"/extra/{_METADATA}")]
+            if names:
+                metadata = _parse_metadata(
+                    archive.read(names[0]), f"the metadata embedded in {path.name!r}"
+                )
+    except (zipfile.BadZipFile, OSError):
+        problem = f"{path.name!r} is not a TorchScript archive"
+    except ModelLoadError as exc:
+        problem = str(exc)
+    return _summary(path, "torchscript", metadata, _file_sha256(path), problem)
+
+
 def load_external_model(
     path: Path, expected: ModelExpectation, device: str | torch.device = "cpu"
 ) -> LoadedModel:

@@ -65,6 +65,26 @@ def test_models_list_shows_and_refuses(
     out = deployment.cli("models", "list").stdout
     assert "refused" in out and "sha256" in out
 
+    # A MONAI bundle and a bundle missing its weights are listed with what they say.
+    import hashlib
+    import json
+
+    bundle = broken_models / "spleen_ct_segmentation"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "metadata.json").write_text(
+        json.dumps({"name": "Spleen CT segmentation", "version": "0.5.9"})
+    )
+    (bundle / "models" / "model.pt").write_bytes(b"weights of a bundle")
+    (broken_models / "half_bundle" / "configs").mkdir(parents=True)
+    deployment.env["COLUMNS"] = "300"
+    out = deployment.cli("models", "list").stdout
+    (row,) = [line for line in out.splitlines() if "spleen_ct_segmentation" in line]
+    assert "Spleen CT segmentation" in row and "0.5.9" in row and "monai-bundle" in row
+    assert hashlib.sha256(b"weights of a bundle").hexdigest()[:16] in row
+    (half,) = [line for line in out.splitlines() if "half_bundle" in line]
+    assert "has no models/model" in half
+
 
 def test_listener_with_dcmtk_peers(deployment: Carebridge, tmp_path: Path) -> None:
     deployment.env["CAREBRIDGE_DICOM_ALLOWED_AES"] = "MODALITY"
