@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from db.schema import (
@@ -79,6 +79,84 @@ def record_event(
     return event
 
 
+@dataclass(frozen=True)
+class NewEvent:
+    """One event for :func:`record_events` (the fields of :func:`record_event`)."""
+
+    source: FhirEventSource
+    fhir_version: str
+    resource_type: str
+    resource_id: str | None
+    body: dict[str, Any] | None
+    body_sha256: str
+    subscription: str | None = None
+    event_number: int | None = None
+    webhook_id: str | None = None
+
+
+def _new_ids(session: Session, table: Table, count: int) -> list[int] | None:
+    """``count`` ids for new events, taken before the INSERT so that it can run as one
+    executemany (RETURNING with its rows in order costs one statement per row on SQLite);
+    None where this dialect has no way here."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        # The transaction holds SQLite's write lock (BEGIN IMMEDIATE, db/engine.py): no one
+        # else inserts before it commits. SQLite itself numbers a new row max(id) + 1.
+        last = session.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar_one()
+        return list(range(last + 1, last + 1 + count))
+    if dialect == "postgresql":
+        # The column's own sequence: the same numbers the INSERT would have drawn.
+        rows = session.execute(
+            text(
+                "SELECT nextval(pg_get_serial_sequence('fhir_events', 'id')) "
+                "FROM generate_series(1, :count)"
+            ),
+            {"count": count},
+        )
+        return [int(row_id) for (row_id,) in rows]
+    return None
+
+
+def record_events(
+    session: Session, new_events: Sequence[NewEvent], *, now: datetime | None = None
+) -> list[int]:
+    """Add events in status RECEIVED as one INSERT executed for all; their ids, in order.
+
+    Core, not ORM objects: the webhook records a batch of requests at once and needs only
+    the ids. A unique-key clash fails the whole statement (IntegrityError).
+    """
+    if not new_events:
+        return []
+    received_at = now or utcnow()
+    table = cast(Table, FhirEvent.__table__)
+    rows: list[dict[str, Any]] = [
+        {
+            "received_at": received_at,
+            "source": event.source,
+            "fhir_version": event.fhir_version,
+            "resource_type": event.resource_type,
+            "resource_id": event.resource_id,
+            "subscription": event.subscription,
+            "event_number": event.event_number,
+            "webhook_id": event.webhook_id,
+            "body_sha256": event.body_sha256,
+            "body": event.body,
+            "status": FhirEventStatus.RECEIVED,
+        }
+        for event in new_events
+    ]
+    ids = _new_ids(session, table, len(rows))
+    if ids is None:
+        result = session.execute(
+            insert(table).returning(table.c.id, sort_by_parameter_order=True), rows
+        )
+        return [row_id for (row_id,) in result]
+    for row, row_id in zip(rows, ids, strict=True):
+        row["id"] = row_id
+    session.execute(insert(table), rows)
+    return ids
+
+
 CATCH_UP_TYPE = "Subscription"  # resource type of a catch-up request event
 
 
@@ -132,6 +210,16 @@ def find_by_webhook_id(session: Session, webhook_id: str) -> FhirEvent | None:
     return session.execute(
         select(FhirEvent).where(FhirEvent.webhook_id == webhook_id)
     ).scalar_one_or_none()
+
+
+def find_webhook_ids(session: Session, webhook_ids: Sequence[str]) -> dict[str, int]:
+    """Of these Standard Webhooks ids, those already recorded: id -> its event's id."""
+    if not webhook_ids:
+        return {}
+    rows = session.execute(
+        select(FhirEvent.webhook_id, FhirEvent.id).where(FhirEvent.webhook_id.in_(webhook_ids))
+    )
+    return {webhook_id: event_id for webhook_id, event_id in rows if webhook_id is not None}
 
 
 def mark_queued(session: Session, event_id: int, task_id: str, now: datetime) -> bool:

@@ -5,15 +5,21 @@ audit chain serialises every writer on its head row, so one transaction per requ
 the webhook at one request per fsync. Here one committer thread takes the requests that
 arrived together and records them in ONE transaction:
 
-- each request's work runs in a SAVEPOINT of its own, so a request that loses a
-  unique-key race (a replayed webhook-id, the first notification of a Subscription) is
-  rolled back to its savepoint and retried, and a request whose work fails is rolled
-  back alone, while the others of the batch go on;
+- requests submitted "together" with the same ``record_many`` (direct POSTs) are recorded
+  by ONE call of it, in one SAVEPOINT: one INSERT of their events, one append of their
+  audit events. Should that call fail (a unique-key race, one request's own failure), its
+  savepoint is rolled back and each of those requests is recorded alone, as below, so
+  the failure stays with the request that caused it;
+- other work (and the fallback above) runs in a SAVEPOINT per request, so a request that
+  loses a unique-key race (a replayed webhook-id, the first notification of a
+  Subscription) is rolled back to its savepoint and retried, and a request whose work
+  fails is rolled back alone, while the others of the batch go on;
 - the committer commits, and only then resolves each request's future: the webhook
   answers 202 after the commit, as before;
 - when the commit (or the database) fails, every request of the batch gets the error
   (the webhook answers 503) and nothing of the batch is stored;
-- the audit chain stays one append per request, in order, in the batch's transaction.
+- the audit chain keeps one event per request, in the batch's transaction (the groups
+  recorded together come first, then the other work in the order it arrived).
 
 A batch holds at most ``max_batch`` requests and ``max_batch_bytes`` of request bodies
 (always at least one). It takes what is waiting when the committer becomes free; with
@@ -38,7 +44,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.orm import Session
 
 from db.engine import Database
@@ -46,6 +52,19 @@ from db.engine import Database
 log = logging.getLogger("carebridge.fhir")
 
 T = TypeVar("T")
+R = TypeVar("R")  # a request recorded together with others
+
+
+@dataclass(frozen=True)
+class Together(Generic[R, T]):
+    """Lets a request be recorded with the others of its batch that name the same
+    ``record_many``: one call ``record_many(session, [request, ...])`` that returns one
+    result per request, in order. Should that call fail, each request's own work runs
+    alone instead (in a savepoint of its own), so it must do the same as that call."""
+
+    record_many: Callable[[Session, list[R]], list[T]]
+    request: R
+
 
 MAX_BATCH = 64  # requests per transaction
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # request bodies per transaction (a large Bundle is alone)
@@ -60,6 +79,7 @@ class _Work(Generic[T]):
     run: Callable[[Session], T]
     size: int
     submitted: float
+    together: Together[Any, T] | None = None
     future: Future[T] = field(default_factory=Future)
     # Set by run(): the caller's event loop and its future, told once per batch and loop.
     loop: asyncio.AbstractEventLoop | None = None
@@ -85,6 +105,19 @@ def _wake(items: list[_Work[Any]]) -> None:
             waiter.set_exception(item.error)
         else:
             waiter.set_result(item.result)
+
+
+def _own_failure(exc: Exception) -> bool:
+    """Whether ``exc`` is one request's own (its data), after which rolling back to its
+    savepoint leaves the transaction usable for the others; not a connection or the
+    transaction itself failing."""
+    if not isinstance(exc, SQLAlchemyError):
+        return True
+    if isinstance(exc, (IntegrityError, DataError)):
+        return True
+    # Parameters that could not be bound (a value of the wrong kind) never reached the
+    # database; every other DBAPI error may mean the connection or transaction is gone.
+    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
 
 
 class GroupCommitter:
@@ -124,18 +157,38 @@ class GroupCommitter:
         self._thread: threading.Thread | None = None
         self._closing = False
 
-    def submit(self, work: Callable[[Session], T], size: int = 0) -> Future[T]:
-        """Queue ``work`` for the next batch; ``size`` (body bytes) bounds the batch."""
-        return self._enqueue(_Work(work, size, time.monotonic())).future
+    def submit(
+        self,
+        work: Callable[[Session], T],
+        size: int = 0,
+        *,
+        together: Together[Any, T] | None = None,
+    ) -> Future[T]:
+        """Queue ``work`` for the next batch; ``size`` (body bytes) bounds the batch.
 
-    async def run(self, work: Callable[[Session], T], size: int = 0) -> T:
-        """Submit ``work`` and wait for its batch's commit without blocking the loop.
+        With ``together``, the batch's requests that name the same ``record_many`` are
+        recorded by one call of it, and ``work`` runs only if that call fails.
+        """
+        return self._enqueue(_Work(work, size, time.monotonic(), together=together)).future
+
+    async def run(
+        self,
+        work: Callable[[Session], T],
+        size: int = 0,
+        *,
+        together: Together[Any, T] | None = None,
+    ) -> T:
+        """Submit ``work`` (as ``submit``) and wait for its batch's commit without
+        blocking the loop.
 
         The committer wakes each event loop once per batch (not once per request).
         A request cancelled before its batch began is never stored.
         """
+        return await self._wait(_Work(work, size, time.monotonic(), together=together))
+
+    async def _wait(self, item: _Work[T]) -> T:
         loop = asyncio.get_running_loop()
-        item: _Work[T] = _Work(work, size, time.monotonic(), loop=loop, waiter=loop.create_future())
+        item.loop, item.waiter = loop, loop.create_future()
         self._enqueue(item)
         assert item.waiter is not None
         try:
@@ -228,9 +281,18 @@ class GroupCommitter:
         if not live:
             return
         self.batches += 1
+        groups: dict[Callable[[Session, list[Any]], list[Any]], list[_Work[Any]]] = {}
+        alone: list[_Work[Any]] = []
+        for item in live:
+            if item.together is None:
+                alone.append(item)
+            else:
+                groups.setdefault(item.together.record_many, []).append(item)
         try:
             with self.database.session() as session:
-                for item in live:
+                for record_many, members in groups.items():
+                    self._run_together(session, record_many, members)
+                for item in alone:
                     self._run_one(session, item)
         except SQLAlchemyError as exc:
             # The commit failed, or the database went away mid-batch: nothing of the batch
@@ -252,6 +314,37 @@ class GroupCommitter:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
                 loop.call_soon_threadsafe(_wake, waiting)
 
+    @classmethod
+    def _run_together(
+        cls,
+        session: Session,
+        record_many: Callable[[Session, list[Any]], list[Any]],
+        members: list[_Work[Any]],
+    ) -> None:
+        """Record a group with one call in one savepoint; each alone if that fails."""
+        if len(members) > 1:
+            try:
+                with session.begin_nested():
+                    requests = [item.together.request for item in members if item.together]
+                    results = record_many(session, requests)
+                    if len(results) != len(members):
+                        raise RuntimeError("record_many returned a result count that differs")
+            except Exception as exc:
+                if not _own_failure(exc):
+                    raise  # the connection or the transaction itself: the batch is lost
+                # A lost unique-key race or one request's own failure: each alone finds it.
+                log.info(
+                    "recording %d requests together failed (%s); one by one",
+                    len(members),
+                    type(exc).__name__,
+                )
+            else:
+                for item, result in zip(members, results, strict=True):
+                    item.result, item.error = result, None
+                return
+        for item in members:
+            cls._run_one(session, item)
+
     @staticmethod
     def _run_one(session: Session, item: _Work[Any]) -> None:
         """Run one request in a savepoint; raise only what spoils the whole transaction."""
@@ -267,8 +360,8 @@ class GroupCommitter:
                 item.error = exc
                 if attempt == STORE_ATTEMPTS:
                     return
-            except SQLAlchemyError:
-                raise  # the connection or the transaction itself: the batch is lost
-            except Exception as exc:  # this request's own failure; the others go on
-                item.error = exc
+            except Exception as exc:
+                if not _own_failure(exc):
+                    raise  # the connection or the transaction itself: the batch is lost
+                item.error = exc  # this request's own failure; the others go on
                 return

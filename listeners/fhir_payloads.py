@@ -144,6 +144,24 @@ def validate(document: dict[str, Any], family: Literal["R4B", "R5"]) -> None:
         raise _invalid(f"the {resource_type} is not valid FHIR") from None
 
 
+# What the webhook validates most: loaded by warm_up() before the first request.
+WARM_UP_TYPES = {
+    "R4B": (*SUPPORTED_RESOURCE_TYPES, "Bundle", "Parameters", "SubscriptionStatus"),
+    "R5": (*SUPPORTED_RESOURCE_TYPES, "Bundle", "SubscriptionStatus"),
+}
+
+
+def warm_up() -> None:
+    """Load the models the webhook validates with (building them takes seconds), so the
+    first requests do not pay for it and what they build is not left for the collector."""
+    from fhir.resources import get_fhir_model_class as r5_model
+    from fhir.resources.R4B import get_fhir_model_class as r4b_model
+
+    for family, load in (("R4B", r4b_model), ("R5", r5_model)):
+        for resource_type in WARM_UP_TYPES[family]:
+            load(resource_type)
+
+
 def _supported(resource_type: str, where: str) -> None:
     if resource_type not in SUPPORTED_RESOURCE_TYPES:
         raise _not_supported(

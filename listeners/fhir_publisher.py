@@ -2,12 +2,13 @@
 
 The webhook answers 202 once its events are committed (``listeners.fhir_batch``); the
 events are then published here, from one thread, so the EHR never waits on the broker.
-Publishing yields to recording (both compete for one interpreter lock and one disk): a
-burst of requests is answered before its events are published, each event waiting at most
-``max_delay_s``. The events the broker took are marked ``queued`` in one statement per
-batch, run by the group committer, so marking shares a transaction with whatever is being
-recorded instead of taking the write lock and an fsync on its own. A broker outage drops
-what is waiting: those events stay ``received`` and the sweeper re-sends them.
+Publishing yields to the requests being taken and recorded (all compete for one
+interpreter lock and one disk): a burst of requests is answered before its events are
+published, each event waiting at most ``max_delay_s``. The events the broker took are
+marked ``queued`` in one statement per batch, run by the group committer, so marking
+shares a transaction with whatever is being recorded instead of taking the write lock and
+an fsync on its own. A broker outage drops what is waiting: those events stay
+``received`` and the sweeper re-sends them.
 """
 
 from __future__ import annotations
@@ -29,24 +30,57 @@ if TYPE_CHECKING:
 log = logging.getLogger("carebridge.fhir")
 
 MAX_PUBLISH_BATCH = 64  # events handed to the broker before they are marked queued
-MAX_PUBLISH_DELAY_S = 1.0  # the longest an event waits for the committer to be idle
+MAX_PUBLISH_DELAY_S = 1.0  # the longest an event waits for the webhook to be idle
 MARK_DELAY_S = 0.25  # the longest a published event waits to be marked queued
+
+
+class RequestsInFlight:
+    """Counts the webhook's requests between their arrival and their answer, so that the
+    publisher can yield to them (``enter``/``leave`` from the event loop, cheap)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._none_left = threading.Condition()
+
+    def enter(self) -> None:
+        """A request arrived."""
+        with self._none_left:
+            self._count += 1
+
+    def leave(self) -> None:
+        """A request was answered (or failed)."""
+        with self._none_left:
+            self._count -= 1
+            if self._count == 0:
+                self._none_left.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        """Some request is being taken."""
+        return self._count > 0
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is being taken; False if ``timeout`` passed first."""
+        with self._none_left:
+            return self._none_left.wait_for(lambda: self._count == 0, timeout)
 
 
 class EventPublisher:
     """Hands committed events to the broker from one thread and marks them queued.
 
     ``add(ids)`` returns at once. Events are published in order. Publishing yields to
-    recording: while the committer has requests to record, an event waits, but never
+    the requests in flight (``in_flight``, when given) and to recording: while requests
+    are being taken or the committer has requests to record, an event waits, but never
     longer than ``max_delay_s`` after it was added, so a burst of requests gets its 202s
-    first and the broker hears of the events right after. The events the broker took are
-    marked ``queued`` together, through ``committer`` (sharing a transaction with what it
-    records), once ``max_batch`` of them wait or the oldest has waited ``mark_delay_s``:
-    a trickle of requests then costs one marking transaction per period, not one per
-    request, and an event left unmarked by a crash is only sent again by the sweeper
-    (the worker's effect is exactly-once). At the first refusal the events waiting are
-    dropped: they stay ``received`` and the sweeper re-sends them, so one broker outage
-    costs one timeout, not one per event.
+    first and the broker hears of the events right after. A request that arrives while a
+    batch is being published pauses it (up to the same deadlines). The events the broker
+    took are marked ``queued`` together, through ``committer`` (sharing a transaction with
+    what it records), once ``max_batch`` of them wait or the oldest has waited
+    ``mark_delay_s``: a trickle of requests then costs one marking transaction per period,
+    not one per request, and an event left unmarked by a crash is only sent again by the
+    sweeper (the worker's effect is exactly-once). At the first refusal the events waiting
+    are dropped: they stay ``received`` and the sweeper re-sends them, so one broker
+    outage costs one timeout, not one per event.
     """
 
     def __init__(
@@ -58,6 +92,7 @@ class EventPublisher:
         max_delay_s: float = MAX_PUBLISH_DELAY_S,
         mark_delay_s: float = MARK_DELAY_S,
         idle_exit_s: float = IDLE_EXIT_S,
+        in_flight: RequestsInFlight | None = None,
     ) -> None:
         if max_batch < 1 or max_delay_s < 0 or mark_delay_s < 0 or idle_exit_s <= 0:
             raise ValueError(
@@ -65,6 +100,7 @@ class EventPublisher:
             )
         self.dispatcher = dispatcher
         self.committer = committer
+        self.in_flight = in_flight
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.mark_delay_s = mark_delay_s
@@ -133,15 +169,27 @@ class EventPublisher:
             refused = False
             if oldest is not None:
                 if not self._hurrying():
-                    # Yield to the requests being recorded, up to the oldest's deadline.
-                    wait = oldest + self.max_delay_s - time.monotonic()
-                    self.committer.wait_idle(max(0.0, wait))
+                    # Yield to the requests being taken and recorded, up to the oldest's
+                    # deadline.
+                    deadline = oldest + self.max_delay_s
+                    if self.in_flight is not None:
+                        self.in_flight.wait_idle(max(0.0, deadline - time.monotonic()))
+                    self.committer.wait_idle(max(0.0, deadline - time.monotonic()))
                 refused = self._publish_batch()
             due = self._unmarked_since + self.mark_delay_s <= time.monotonic()
             if self._unmarked and (
                 refused or due or self._hurrying() or len(self._unmarked) >= self.max_batch
             ):
                 self._mark()
+
+    def _should_pause(self, added: float) -> bool:
+        """A request is in flight and this event may still wait for it."""
+        return (
+            self.in_flight is not None
+            and self.in_flight.busy
+            and time.monotonic() < added + self.max_delay_s
+            and not self._hurrying()
+        )
 
     def _hurrying(self) -> bool:
         with self._changed:
@@ -171,10 +219,16 @@ class EventPublisher:
         (what was waiting is then dropped, left ``received`` for the sweeper)."""
         with self._changed:
             count = min(self.max_batch, len(self._pending))
-            batch = [self._pending.popleft()[0] for _ in range(count)]
+            batch = [self._pending.popleft() for _ in range(count)]
         published = 0
         refused = False
-        for event_id in batch:
+        for index, (event_id, added) in enumerate(batch):
+            if self._should_pause(added):
+                # A request arrived: the rest wait (in order) for it to be answered.
+                with self._changed:
+                    self._pending.extendleft(reversed(batch[index:]))
+                batch = batch[:index]
+                break
             try:
                 task_id = self.dispatcher.publish_fhir_event(event_id)
             except Exception as exc:  # the class only: a message could quote the input

@@ -34,8 +34,10 @@ from db.migrate import upgrade
 from db.schema import AuditEvent, FhirEvent, FhirEventStatus, FhirSubscriptionState, utcnow
 from listeners.fhir import MAX_BODY_BYTES, create_app
 from listeners.fhir_auth import sign
-from listeners.fhir_batch import GroupCommitter
-from listeners.fhir_publisher import EventPublisher
+from listeners.fhir_batch import GroupCommitter, Together
+from listeners.fhir_payloads import IncomingResource
+from listeners.fhir_publisher import EventPublisher, RequestsInFlight
+from listeners.fhir_recorder import DirectPost, EventRecorder
 from tests.peers import free_port, wait_for_port
 from worker.routing import RoutingRules
 from worker.settings import Settings
@@ -1013,6 +1015,221 @@ def test_publishing_yields_to_recording_for_at_most_its_delay(
     assert publisher.flush(timeout=10)
     assert all(row.status is FhirEventStatus.QUEUED for row in events(database))
     publisher.close()
+    committer.close()
+
+
+def direct_post(number: int, webhook_id: str | None = None) -> DirectPost:
+    """A validated direct POST of observation(number), as the webhook hands it over."""
+    body = observation(number)
+    return DirectPost(
+        [IncomingResource("Observation", body["id"], body)], webhook_id, f"{number:064x}"
+    )
+
+
+def submit_posts(committer: GroupCommitter, posts: list[DirectPost]) -> list[Any]:
+    """Submit posts as the webhook does: together, each with its own work as fallback."""
+    recorder = EventRecorder()
+    return [
+        committer.submit(
+            lambda session, post=post: recorder.record(
+                session, post.resources, post.webhook_id, post.body_sha256
+            ),
+            together=Together(recorder.record_direct_many, post),
+        )
+        for post in posts
+    ]
+
+
+def test_direct_posts_of_a_batch_are_recorded_together(database: Database) -> None:
+    """One batch: a Bundle of two, plain posts, a webhook-id repeated within the batch and
+    one received before. Each post gets its own events (in its own order), the repeats
+    are no-ops naming the first event, one audit event per recorded post, one chain."""
+    committer = GroupCommitter(database, max_batch=10, max_wait_s=5)
+    earlier = submit_posts(committer, [direct_post(0, "msg_before")])[0].result(10)
+    bundle = DirectPost(
+        [
+            IncomingResource("Observation", "obs-b1", observation(11)),
+            IncomingResource("Condition", "cond-b2", None),
+        ],
+        "msg_bundle",
+        "b" * 64,
+    )
+    posts = [
+        direct_post(1),
+        bundle,
+        direct_post(2, "msg_2"),
+        direct_post(3, "msg_before"),  # recorded by an earlier batch
+        direct_post(4, "msg_2"),  # repeats a post of this batch
+        direct_post(5),
+    ]
+    results = [future.result(10) for future in submit_posts(committer, posts)]
+    committer.close()
+    assert committer.batches == 2
+    assert [taken.status for taken in results] == [202, 202, 202, 200, 200, 202]
+    rows = {row.id: row for row in events(database)}
+    first, second, third, _, _, sixth = results
+    assert [rows[i].resource_id for i, _ in first.events] == ["obs-1"]
+    assert [(rows[i].resource_id, t) for i, t in second.events] == [
+        ("obs-b1", "Observation"),
+        ("cond-b2", "Condition"),
+    ]
+    assert rows[second.events[0][0]].webhook_id == "msg_bundle"
+    assert rows[second.events[1][0]].webhook_id is None and rows[second.events[1][0]].body is None
+    assert [rows[i].resource_id for i, _ in third.events] == ["obs-2"]
+    assert [rows[i].resource_id for i, _ in sixth.events] == ["obs-5"]
+    assert f"event {earlier.events[0][0]};" in results[3].message
+    assert f"event {third.events[0][0]};" in results[4].message
+    assert len(rows) == 6
+    received = audit_events(database, "fhir.received")
+    assert [a.detail["events"] for a in received] == [
+        [i for i, _ in taken.events] for taken in (earlier, first, second, third, sixth)
+    ]
+    assert received[2].detail["id_only"] == 1
+    assert received[2].detail["resource_types"] == ["Condition", "Observation"]
+    assert_chain_verifies(database)
+
+
+def test_a_lost_webhook_id_race_in_a_batch_falls_back_to_one_by_one(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's lookup misses a webhook-id another transaction committed meanwhile:
+    its INSERT fails on the unique key, the batch's savepoint is rolled back, and each
+    post is recorded alone: the repeat is a no-op, the others are committed."""
+    from db import fhir_events
+
+    committer = GroupCommitter(database, max_batch=3, max_wait_s=5)
+    earlier = submit_posts(committer, [direct_post(0, "msg_race")])[0].result(10)
+    monkeypatch.setattr(fhir_events, "find_webhook_ids", lambda _session, _ids: {})
+    results = [
+        future.result(10)
+        for future in submit_posts(
+            committer, [direct_post(1), direct_post(2, "msg_race"), direct_post(3)]
+        )
+    ]
+    committer.close()
+    assert [taken.status for taken in results] == [202, 200, 202]
+    assert f"event {earlier.events[0][0]};" in results[1].message
+    assert [r.resource_id for r in events(database)] == ["obs-0", "obs-1", "obs-3"]
+    assert len(audit_events(database, "fhir.received")) == 3
+    assert_chain_verifies(database)
+
+
+def test_a_post_that_fails_in_a_batch_fails_alone(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One post of a batch cannot be stored (its body does not serialise): the batch's
+    savepoint is rolled back, the others are recorded one by one, and only that post's
+    caller gets the error; nothing of it is stored or audited."""
+    committer = GroupCommitter(database, max_batch=3, max_wait_s=5)
+    broken = DirectPost(
+        [IncomingResource("Observation", "obs-x", {"resourceType": "Observation", "x": {1j}})],
+        None,
+        "c" * 64,
+    )
+    futures = submit_posts(committer, [direct_post(1), broken, direct_post(3)])
+    first, third = futures[0].result(10), futures[2].result(10)
+    with pytest.raises(Exception, match="serializable"):
+        futures[1].result(10)
+    committer.close()
+    assert committer.batches == 1
+    assert [r.resource_id for r in events(database)] == ["obs-1", "obs-3"]
+    assert [a.detail["events"] for a in audit_events(database)] == [
+        [first.events[0][0]],
+        [third.events[0][0]],
+    ]
+    assert_chain_verifies(database)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_events_recorded_together_get_their_own_ids(backend: str, tmp_path: Path) -> None:
+    """record_events numbers the rows itself (one INSERT for all): each id is its own row's,
+    in order, and rows recorded one at a time afterwards continue the numbering."""
+    from db import fhir_events
+    from db.schema import FhirEventSource
+    from tests.harness import postgres_database
+
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / 'events.db'}"
+        else:
+            url = stack.enter_context(postgres_database())
+        upgrade(url)
+        database = Database(url)
+        stack.callback(database.dispose)
+
+        def new(number: int) -> fhir_events.NewEvent:
+            return fhir_events.NewEvent(
+                FhirEventSource.DIRECT, "R4", "Observation", f"obs-{number}", None, "0" * 64
+            )
+
+        with database.session() as session:
+            single = fhir_events.record_event(
+                session,
+                source=FhirEventSource.DIRECT,
+                fhir_version="R4",
+                resource_type="Observation",
+                resource_id="obs-0",
+                body=None,
+                body_sha256="0" * 64,
+            ).id
+            ids = fhir_events.record_events(session, [new(n) for n in range(1, 6)])
+            assert fhir_events.record_events(session, []) == []
+        with database.session() as session:
+            after = fhir_events.record_event(
+                session,
+                source=FhirEventSource.DIRECT,
+                fhir_version="R4",
+                resource_type="Observation",
+                resource_id="obs-6",
+                body=None,
+                body_sha256="0" * 64,
+            ).id
+        assert len(set(ids)) == 5 and single < min(ids) and max(ids) < after
+        by_id = {row.id: row.resource_id for row in events(database)}
+        assert [by_id[i] for i in ids] == [f"obs-{n}" for n in range(1, 6)]
+        assert all(row.status is FhirEventStatus.RECEIVED for row in events(database))
+
+
+def test_publishing_waits_for_the_requests_in_flight(
+    database: Database, dispatcher: RecordingDispatcher
+) -> None:
+    """While a request is being taken the broker hand-over waits (the EHR's 202s first);
+    it goes on as soon as none is left, or once max_delay_s ran out."""
+    committer = GroupCommitter(database)
+    ids = [committer.submit(record_observation(n)).result(10) for n in (1, 2)]
+    in_flight = RequestsInFlight()
+    publisher = EventPublisher(
+        dispatcher,  # type: ignore[arg-type]
+        committer,
+        max_delay_s=30,
+        in_flight=in_flight,
+    )
+    in_flight.enter()
+    publisher.add(ids)
+    time.sleep(0.3)
+    assert dispatcher.published == []
+    in_flight.leave()
+    assert publisher.flush(timeout=10)
+    assert dispatcher.published == ids
+    # The delay bounds the wait: a request that never ends holds nothing up for long.
+    impatient = EventPublisher(
+        dispatcher,  # type: ignore[arg-type]
+        committer,
+        max_delay_s=0.3,
+        in_flight=in_flight,
+    )
+    more = [committer.submit(record_observation(n)).result(10) for n in (3, 4)]
+    in_flight.enter()
+    started = time.monotonic()
+    impatient.add(more)
+    while dispatcher.published != ids + more and time.monotonic() - started < 10:
+        time.sleep(0.02)
+    assert dispatcher.published == ids + more and in_flight.busy
+    in_flight.leave()
+    assert impatient.flush(timeout=10)
+    assert all(row.status is FhirEventStatus.QUEUED for row in events(database))
+    for each in (publisher, impatient):
+        each.close()
     committer.close()
 
 
