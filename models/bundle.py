@@ -86,7 +86,8 @@ class ModelExpectation:
     ``spatial_size`` is the input's spatial shape (e.g. ``(224, 224)``); ``labels`` are the
     pipeline's classes in its default output order; ``output`` says whether the network returns
     one score per class (``"classes"``: shape (N, K) or (N, K, 1, ...)) or a score map of the
-    input's spatial size (``"segmentation"``: shape (N, K, *spatial_size)).
+    input's spatial size (``"segmentation"``: shape (N, K, *spatial_size)). With
+    ``background``, channel 0 of a segmentation is the background and the labels follow it.
     """
 
     task: str
@@ -95,6 +96,11 @@ class ModelExpectation:
     labels: tuple[CodedLabel, ...]
     preprocessing: dict[str, JsonValue]
     output: Literal["classes", "segmentation"] = "classes"
+    background: bool = False
+
+    def output_channels(self, n_labels: int) -> int:
+        """Channels of the network's output for ``n_labels`` classes."""
+        return n_labels + (1 if self.background else 0)
 
     def __post_init__(self) -> None:
         if not self.task:
@@ -345,9 +351,10 @@ def _load_torchscript_file(
         sha=sha,
         architecture={"family": "torchscript", "format": "torchscript", "source": "file"},
     )
-    problems = _declared_problems(metadata, expected, len(card.labels))
+    n_out = expected.output_channels(len(card.labels))
+    problems = _declared_problems(metadata, expected, n_out)
     _refuse_if(problems, card, f"TorchScript file {path.name!r}")
-    network, softmaxed = _probe(network, expected, len(card.labels), card, device)
+    network, softmaxed = _probe(network, expected, n_out, card, device)
     return LoadedModel(network, card, "torchscript", path, softmaxed, metadata)
 
 
@@ -409,11 +416,10 @@ def _load_bundle(path: Path, expected: ModelExpectation, device: torch.device) -
             sha=sha,
             architecture={"family": family, "format": fmt, "source": "monai-bundle"},
         )
-    problems = _card_problems(card, expected) + _declared_problems(
-        metadata, expected, len(card.labels)
-    )
+    n_out = expected.output_channels(len(card.labels))
+    problems = _card_problems(card, expected) + _declared_problems(metadata, expected, n_out)
     _refuse_if(problems, card, label)
-    network, softmaxed = _probe(network, expected, len(card.labels), card, device)
+    network, softmaxed = _probe(network, expected, n_out, card, device)
     return LoadedModel(network, card, "monai-bundle", weights, softmaxed, metadata)
 
 
@@ -514,17 +520,19 @@ def _io_entry(section: Any, preferred: str, what: str) -> tuple[str, dict[str, A
 def _labels_from_metadata(
     metadata: dict[str, Any], expected: ModelExpectation, label: str
 ) -> tuple[CodedLabel, ...]:
-    """The output order from the metadata's ``channel_def`` when it names the pipeline's labels."""
+    """The output order from the metadata's ``channel_def`` when it names the pipeline's labels
+    (after channel 0, the background, when the pipeline's output has one)."""
     nd = metadata.get("network_data_format")
     entry = _io_entry(nd.get("outputs") if isinstance(nd, dict) else None, "pred", "output")
     if not isinstance(entry, tuple):
         return expected.labels
     channel_def = entry[1].get("channel_def")
-    if not isinstance(channel_def, dict) or len(channel_def) != len(expected.labels):
+    first = 1 if expected.background else 0
+    if not isinstance(channel_def, dict) or len(channel_def) != len(expected.labels) + first:
         return expected.labels
     by_name = {lab.name.lower(): lab for lab in expected.labels}
     ordered: list[CodedLabel] = []
-    for index in range(len(expected.labels)):
+    for index in range(first, len(expected.labels) + first):
         name = channel_def.get(str(index))
         if not isinstance(name, str):
             return expected.labels
@@ -677,6 +685,9 @@ def _probe(
             f"model {card.name} {card.version} returns {type(out).__name__}, expected one tensor"
         )
     got = list(out.shape)
+    names = [lab.name for lab in card.labels]
+    if expected.background:
+        names = ["background", *names]
     if expected.output == "classes":
         ok = len(got) >= 2 and got[0] == 1 and got[1] == n_classes and all(s == 1 for s in got[2:])
         want = f"[1, {n_classes}]"
@@ -687,7 +698,7 @@ def _probe(
         raise ModelLoadError(
             f"model {card.name} {card.version} returns shape {got} for an input of shape "
             f"{list(shape)}, the {card.task} pipeline needs {want} ({n_classes} classes: "
-            f"{[lab.name for lab in card.labels]})"
+            f"{names})"
         )
     scores = out.detach().float()
     sums = scores.sum(dim=1)

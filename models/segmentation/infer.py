@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from models.bundle import ModelExpectation, is_external_model, load_external_model
 from models.card import ModelCard, ModelLoadError, load_weights, read_model_card
 from models.device import resolve_device
 from models.provenance import CodedLabel, ModelProvenance
 from models.segmentation import LIVER
+from models.segmentation.bundle_input import BundleInput, read_bundle_input
 from models.segmentation.measure import mean_hu, volume_ml
 from models.segmentation.network import build_network, check_architecture, downsampling
 from models.segmentation.preprocess import (
@@ -131,11 +133,13 @@ def foreground_probability(
     *,
     device: torch.device,
     sw_batch_size: int = 4,
+    returns_probabilities: bool = False,
 ) -> np.ndarray:
-    """Liver probability (float32, same shape) of a canonical model-grid image in [0, 1].
+    """Liver probability (float32, same shape) of a model-grid image in [0, 1].
 
     Sliding windows of ``roi_size`` overlap by 25% and are blended with gaussian weights;
     ``sw_batch_size`` windows go through the network at once. AMP (float16) on CUDA only.
+    Channel 1 of the output is the liver: softmax is applied unless the network ends in one.
     """
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
     amp = (
@@ -153,7 +157,8 @@ def foreground_probability(
             mode="gaussian",
         )
         assert isinstance(logits, torch.Tensor)
-        prob = torch.softmax(logits.float(), dim=1)[0, 1]
+        scores = logits.float()
+        prob = (scores if returns_probabilities else torch.softmax(scores, dim=1))[0, 1]
     return np.ascontiguousarray(prob.cpu().numpy(), dtype=np.float32)
 
 
@@ -198,11 +203,22 @@ class LiverSegmenter:
         card: ModelCard,
         device: torch.device,
         sw_batch_size: int = 4,
+        bundle: BundleInput | None = None,
+        returns_probabilities: bool = False,
     ) -> None:
-        """Wrap a network whose weights match ``card``; prefer :meth:`load`."""
+        """Wrap a network whose weights match ``card``; prefer :meth:`load`.
+
+        ``bundle``: the network is a MONAI bundle's, fed the way its configs say.
+        """
         if sw_batch_size < 1:
             raise ValueError("sw_batch_size must be positive")
-        self.spec = check_card(card)
+        self.bundle = bundle
+        self.returns_probabilities = returns_probabilities
+        self.spec = (
+            check_card(card)
+            if bundle is None
+            else InputSpec(bundle.spacing_mm, bundle.roi_size, bundle.hu_window)
+        )
         self.network = network.to(device).eval()
         self.card = card
         self.provenance: ModelProvenance = card.provenance
@@ -216,6 +232,8 @@ class LiverSegmenter:
         ``device`` is ``"cpu"``, ``"cuda"``/``"cuda:N"`` or ``"auto"`` (CUDA when available).
         Raises :class:`ModelLoadError` saying what is wrong and what to do.
         """
+        if is_external_model(Path(model_dir)):
+            return cls._load_bundle(Path(model_dir), device, sw_batch_size)
         card = read_model_card(Path(model_dir))
         check_card(card)
         resolved = resolve_device(device)
@@ -230,21 +248,60 @@ class LiverSegmenter:
             ) from exc
         return cls(network, card, resolved, sw_batch_size=sw_batch_size)
 
+    @classmethod
+    def _load_bundle(cls, path: Path, device: str, sw_batch_size: int) -> LiverSegmenter:
+        """A MONAI bundle directory (see :mod:`models.segmentation.bundle_input`)."""
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{path.name!r}: the liver pipeline takes a MONAI bundle directory (its "
+                "configs/inference.json says how to feed the network), not a bare TorchScript file"
+            )
+        bundle = read_bundle_input(path)
+        expected = ModelExpectation(
+            task=TASK,
+            channels=1,
+            spatial_size=bundle.axes.to_network_shape(bundle.roi_size),
+            labels=LABELS,
+            preprocessing=bundle.preprocessing(),
+            output="segmentation",
+            background=True,
+        )
+        resolved = resolve_device(device)
+        loaded = load_external_model(path, expected, resolved)
+        return cls(
+            loaded.network,
+            loaded.card,
+            resolved,
+            sw_batch_size=sw_batch_size,
+            bundle=bundle,
+            returns_probabilities=loaded.returns_probabilities,
+        )
+
     def probability(self, volume: CtVolume) -> tuple[np.ndarray, dict[str, float], ModelGeometry]:
         """Cleaned canonical model-grid liver probability, timings, and the model geometry."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
         image, geometry = prepare_image(volume, self.spec.spacing_mm, self.spec.hu_window)
+        roi = self.spec.roi_size
+        if self.bundle is not None:  # the bundle's intensity range and axes
+            low, high = self.bundle.intensity_range
+            if (low, high) != (0.0, 1.0):
+                image = (image * (high - low) + low).astype(np.float32)
+            image = self.bundle.axes.to_network(image)
+            roi = self.bundle.axes.to_network_shape(roi)
         timings["preprocess"] = time.perf_counter() - start
         start = time.perf_counter()
         prob = foreground_probability(
             self.network,
             image,
-            self.spec.roi_size,
+            roi,
             device=self.device,
             sw_batch_size=self.sw_batch_size,
+            returns_probabilities=self.returns_probabilities,
         )
         del image
+        if self.bundle is not None:
+            prob = self.bundle.axes.from_network(prob)
         timings["inference"] = time.perf_counter() - start
         start = time.perf_counter()
         prob = clean_probability(prob, THRESHOLD)
