@@ -141,9 +141,13 @@ def write_new_file(final: Path, payload: tuple[bytes | memoryview, ...]) -> bool
     Returns False when ``final`` already exists. A crash mid-write can leave a partial file
     but never a row that points at it: rows are committed only after this returns.
     """
-    ensure_directory(final.parent)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
-        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            fd = os.open(final, flags, 0o640)
+        except FileNotFoundError:  # the series' first instance: make its directories
+            ensure_directory(final.parent)
+            fd = os.open(final, flags, 0o640)
     except FileExistsError:
         return False
     try:
