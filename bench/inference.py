@@ -48,7 +48,7 @@ from pydicom.uid import generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.cxr.classifier import INPUT_SIZE, CxrClassifier
-from models.cxr.preprocess import preprocess_dataset
+from models.cxr.preprocess import preprocess_datasets
 from models.cxr.synthetic import make_cxr_dataset
 from models.segmentation.infer import SW_OVERLAP, LiverSegmenter, SegmentationResult
 from models.segmentation.phantom import write_phantom_series
@@ -159,7 +159,7 @@ def cxr_study(classifier: CxrClassifier, files: Sequence[Path], out: Path) -> St
         for ds in datasets:
             ds.pixel_array  # noqa: B018 (decodes and caches, as preprocess_dataset would)
     with clock.stage("preprocess (LUTs, window, resize)"):
-        batch = np.stack([preprocess_dataset(ds, INPUT_SIZE) for ds in datasets])
+        batch = preprocess_datasets(datasets, INPUT_SIZE)
     with clock.stage("predict (forward + softmax)"):
         per_image = classifier.predict_arrays(batch)
     with clock.stage("SR build"):
@@ -304,7 +304,7 @@ def run_cxr(
     """Time the CXR study and the bare ResNet-18 forward, alternately; print the table."""
     device = classifier.device
     sync = Clock(device).sync
-    prepared = np.stack([preprocess_dataset(pydicom.dcmread(p), INPUT_SIZE) for p in files])
+    prepared = preprocess_datasets([pydicom.dcmread(p) for p in files], INPUT_SIZE)
     # As predict_arrays feeds the network: (N, 1, 224, 224) float32.
     prepared = prepared.reshape(len(files), 1, INPUT_SIZE, INPUT_SIZE)
     batch = torch.from_numpy(np.ascontiguousarray(prepared, dtype=np.float32)).to(device)

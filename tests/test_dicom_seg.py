@@ -64,8 +64,10 @@ def test_seg_is_dciodvfy_clean_and_matches_source_geometry(
     ]
     seg = build_liver_seg(phantom.datasets, phantom.mask, provenance, content_datetime=WHEN)
     path = tmp_path / "out" / "seg.dcm"
-    back = write_seg_and_read_back(seg, path)
+    read_back = write_seg_and_read_back(seg, path)
+    assert read_back.SOPInstanceUID == seg.SOPInstanceUID
     assert_dciodvfy_clean(path)
+    back = hd.seg.segread(path)  # the whole SEG parses with highdicom
 
     source = phantom.sorted_datasets[0]
     assert isinstance(back, hd.seg.Segmentation)
@@ -269,8 +271,9 @@ def test_real_head_ct_seg_is_dciodvfy_clean(tmp_path: Path) -> None:
         seg = build_liver_seg([source], mask, _provenance())
     assert not any(str(source.PatientID) in str(w.message) for w in caught)  # no PHI in logs
     out = tmp_path / "seg_693.dcm"
-    back = write_seg_and_read_back(seg, out)
+    write_seg_and_read_back(seg, out)
     assert_dciodvfy_clean(out)
+    back = hd.seg.segread(out)
     assert "FrameOfReferenceUID" not in source  # the caller's dataset is left alone
     assert back.FrameOfReferenceUID
     assert back.StudyInstanceUID == source.StudyInstanceUID

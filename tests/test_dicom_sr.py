@@ -268,6 +268,40 @@ def test_several_sources_and_rebuild_is_identical(tmp_path: Path) -> None:
     assert errors == [], output
 
 
+def test_image_library_groups_images_by_their_shared_descriptors(tmp_path: Path) -> None:
+    study, series = generate_uid(), generate_uid()
+    sources = [
+        make_cr_dataset(study_instance_uid=study, series_instance_uid=series, size=size, seed=i)
+        for i, size in enumerate((64, 64, 32))
+    ]
+    out = tmp_path / "sr.dcm"
+    write_and_read_back(_build(sources), out)
+    errors, output = _dciodvfy_errors(out)
+    assert errors == [], output
+    doc = hd.sr.srread(out)  # the whole document, Image Library included, parses
+    library = next(
+        item
+        for item in doc.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "111028"
+    )
+    groups = {}
+    for group in library.ContentSequence:
+        rows = next(
+            item.MeasuredValueSequence[0].NumericValue
+            for item in group.ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeMeaning == "Pixel Data Rows"
+        )
+        groups[int(rows)] = {
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in group.ContentSequence
+            if item.ValueType == "IMAGE"
+        }
+    assert groups == {
+        64: {sources[0].SOPInstanceUID, sources[1].SOPInstanceUID},
+        32: {sources[2].SOPInstanceUID},
+    }
+
+
 @pytest.mark.parametrize("bad", [-0.01, 1.01, math.nan, math.inf])
 def test_probability_must_lie_in_unit_interval(bad: float) -> None:
     with pytest.raises(ValueError):

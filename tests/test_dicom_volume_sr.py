@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from pydicom.uid import generate_uid
 
 from models.provenance import ModelProvenance, device_uid_for
 from tests.fixtures_ct import LIVER_HU, CTPhantom, assert_dciodvfy_clean, make_ct_phantom
+from worker.outputs.dicom_common import read_back_measurement_report
 from worker.outputs.dicom_seg import build_liver_seg
 from worker.outputs.dicom_sr import COMPREHENSIVE_3D_SR_STORAGE, SRReference
 from worker.outputs.dicom_volume_sr import (
@@ -114,8 +116,11 @@ def test_volume_sr_is_dciodvfy_clean_and_references_the_seg(
         content_datetime=WHEN,
     )
     path = tmp_path / "out" / "volume_sr.dcm"
-    doc = write_volume_sr_and_read_back(sr, path)
+    back = write_volume_sr_and_read_back(sr, path)
+    assert back.SOPInstanceUID == sr.SOPInstanceUID
     assert_dciodvfy_clean(path)
+    # the whole document, Image Library included, parses with highdicom
+    doc = hd.sr.srread(path)
 
     assert doc.SOPClassUID == COMPREHENSIVE_3D_SR_STORAGE
     assert doc.StudyInstanceUID == source.StudyInstanceUID
@@ -149,17 +154,34 @@ def test_volume_sr_is_dciodvfy_clean_and_references_the_seg(
     source_series = segment.source_series_for_segmentation
     assert source_series is not None
     assert source_series.value == source.SeriesInstanceUID
-    # the Image Library lists the slices under the liver frames, with their geometry
+    # the Image Library lists the slices under the liver frames; the geometry they share
+    # is said once, for their group
     library = next(
         item
         for item in doc.ContentSequence
         if item.ConceptNameCodeSequence[0].CodeValue == "111028"  # Image Library
     )
-    entries = library.ContentSequence[0].ContentSequence
+    [group_item] = library.ContentSequence
+    assert group_item.ConceptNameCodeSequence[0].CodeValue == "126200"  # Image Library Group
+    entries = [e for e in group_item.ContentSequence if e.ValueType == "IMAGE"]
     liver_uids = {
         d.SOPInstanceUID for k, d in enumerate(phantom.sorted_datasets) if phantom.mask[k].any()
     }
+    assert len(entries) == len(liver_uids)
     assert {e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for e in entries} == liver_uids
+    descriptors = {
+        e.ConceptNameCodeSequence[0].CodeMeaning: e
+        for e in group_item.ContentSequence
+        if e.ValueType != "IMAGE"
+    }
+    assert descriptors["Modality"].ConceptCodeSequence[0].CodeValue == "CT"
+    frame_of_reference = descriptors["Frame of Reference UID"].UID
+    assert frame_of_reference == source.FrameOfReferenceUID
+    assert descriptors["Pixel Data Rows"].MeasuredValueSequence[0].NumericValue == source.Rows
+    spacing = descriptors["Horizontal Pixel Spacing"].MeasuredValueSequence[0]
+    assert math.isclose(spacing.FloatingPointValue, float(source.PixelSpacing[1]))
+    assert "Image Orientation (Patient) Row X" in descriptors
+    assert "Image Position (Patient) X" not in descriptors  # differs per slice
     volumes = group.get_measurements(name=VOLUME_CODE)
     assert len(volumes) == 1
     assert math.isclose(volumes[0].value, measured.volume_ml, rel_tol=1e-6)
@@ -197,6 +219,34 @@ def test_volume_sr_is_reproducible(phantom: CTPhantom) -> None:
     assert first.SOPInstanceUID == second.SOPInstanceUID
     assert first.SeriesInstanceUID == second.SeriesInstanceUID
     assert first.SOPInstanceUID not in {seg.SOPInstanceUID}
+
+
+def test_read_back_refuses_a_file_unlike_the_sr_written(tmp_path: Path, phantom: CTPhantom) -> None:
+    seg = build_liver_seg(phantom.datasets, phantom.mask, PROVENANCE, content_datetime=WHEN)
+    sr = build_volume_sr(
+        phantom.datasets, seg, [VolumeMeasurement(89.3, 60.1)], PROVENANCE, content_datetime=WHEN
+    )
+    path = tmp_path / "sr.dcm"
+    write_volume_sr_and_read_back(sr, path)
+    back, report = read_back_measurement_report(path, sr)
+    assert back.SOPInstanceUID == sr.SOPInstanceUID
+    assert len(report.get_volumetric_roi_measurement_groups()) == 1
+    # the same document with one Image Library entry less is not what is on disk
+    shorter = copy.deepcopy(sr)
+    library = next(
+        item
+        for item in shorter.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "111028"
+    )
+    entries = library.ContentSequence[0].ContentSequence
+    entries.remove(next(e for e in entries if e.ValueType == "IMAGE"))
+    with pytest.raises(ValueError, match="Image Library"):
+        read_back_measurement_report(path, shorter)
+    # a SEG is not an SR: refused, nothing left behind
+    target = tmp_path / "not-sr.dcm"
+    with pytest.raises(ValueError):
+        write_volume_sr_and_read_back(seg, target)
+    assert not target.exists()
 
 
 def test_volume_sr_refuses_inconsistent_input(phantom: CTPhantom) -> None:

@@ -19,7 +19,12 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from models.card import CARD_FILE, ModelCard, ModelLoadError, read_model_card
 from models.cxr import CXR_LABELS, CxrClassifier, image_from_dataset, to_model_input
 from models.cxr.classifier import LUNG_CANCER, NORMAL, PNEUMONIA
-from models.cxr.preprocess import preprocess_dataset
+from models.cxr.preprocess import (
+    percentiles_of_levels,
+    preprocess_dataset,
+    preprocess_datasets,
+    robust_window,
+)
 from models.cxr.synthetic import CLASSES, CR_IMAGE_STORAGE, generate_radiograph, make_cxr_dataset
 from models.cxr.train import MODEL_NAME, MODEL_VERSION, train_demo
 
@@ -185,6 +190,58 @@ def test_robust_window_without_voi() -> None:
     assert img.min() == 0.0 and img.max() == 1.0
     inside = (stored > lo) & (stored < hi)
     np.testing.assert_allclose(img[inside], (stored[inside] - lo) / (hi - lo), atol=1e-5)
+
+
+def test_percentiles_from_a_histogram_equal_numpys() -> None:
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 3, 7, 200, 5000):
+        for values in (
+            rng.integers(0, 4096, size).astype(np.uint16),
+            rng.integers(-1000, 3000, size).astype(np.int16),
+            rng.integers(0, 40, size) * 0.37 - 12.5,
+            np.full(size, 7, dtype=np.uint16),
+        ):
+            levels, counts = np.unique(values, return_counts=True)
+            for percentiles in ((0.5, 99.5), (0.0, 50.0, 100.0), (12.34, 87.6)):
+                assert percentiles_of_levels(levels, counts, percentiles) == tuple(
+                    float(v) for v in np.percentile(values, percentiles)
+                )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "attrs"),
+    [
+        (np.uint16, {}),
+        (np.uint16, {"RescaleSlope": -0.7, "RescaleIntercept": 100}),
+        (np.int16, {"PhotometricInterpretation": "MONOCHROME1"}),
+        (np.int16, {"RescaleSlope": 2, "RescaleIntercept": -1024}),
+    ],
+)
+def test_robust_window_by_levels_equals_pixel_by_pixel(
+    dtype: type[np.integer], attrs: dict[str, object]
+) -> None:
+    # The lookup-table path gives exactly what the pixel-by-pixel window gives.
+    from pydicom.pixels import apply_modality_lut
+
+    rng = np.random.default_rng(5)
+    low = 0 if dtype is np.uint16 else -1500
+    stored = rng.integers(low, 3000, size=(96, 80)).astype(dtype)
+    ds = _plain(stored, **attrs)
+    expected = np.clip(robust_window(apply_modality_lut(stored, ds)), 0.0, 1.0)
+    if attrs.get("PhotometricInterpretation") == "MONOCHROME1":
+        expected = 1.0 - expected
+    assert np.array_equal(image_from_dataset(ds), expected)
+
+
+def test_a_study_is_preprocessed_in_order_in_parallel() -> None:
+    datasets = [_cxr(label, seed=i) for i, label in enumerate(("normal", "pneumonia", "normal"))]
+    expected = np.stack([preprocess_dataset(ds, 224) for ds in datasets])
+    assert np.array_equal(preprocess_datasets(datasets, 224), expected)
+    assert preprocess_datasets([], 224).shape == (0, 1, 224, 224)
+    broken = _cxr()
+    del broken.PixelData
+    with pytest.raises(ValueError, match="Pixel Data"):
+        preprocess_datasets([datasets[0], broken], 224)
 
 
 def test_aspect_ratio_preserved() -> None:

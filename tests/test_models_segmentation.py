@@ -445,6 +445,48 @@ def test_evaluation_reports_dice_hd95_and_writes_an_overlay(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_largest_component_equals_labelling_and_hole_filling() -> None:
+    # The holes come from the background labelled alongside the components and a graph
+    # over the dropped components: the same as labelling the kept component's background.
+    from scipy import ndimage
+
+    from models.segmentation import preprocess
+
+    structure = ndimage.generate_binary_structure(3, 3)
+
+    def reference(binary: np.ndarray) -> np.ndarray:
+        labels, count = ndimage.label(binary, structure=structure)
+        if count == 0:
+            return np.zeros(binary.shape, dtype=bool)
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        return np.asarray(ndimage.binary_fill_holes(labels == int(np.argmax(sizes))))
+
+    rng = np.random.default_rng(11)
+    cases = []
+    for _ in range(300):
+        shape = tuple(int(v) for v in rng.integers(1, 10, 3))
+        cases.append(rng.random(shape) < rng.uniform(0.05, 0.9))
+        blob = ndimage.binary_dilation(rng.random(shape) < 0.1, iterations=2)
+        cases.append(blob & ~(rng.random(shape) < 0.15))
+    shell = np.zeros((9, 9, 9), dtype=bool)
+    shell[1:8, 1:8, 1:8] = True
+    shell[3:6, 3:6, 3:6] = False
+    shell[4, 4, 4] = True  # a dropped component inside the hole
+    cases.append(shell)
+    for binary in cases:
+        assert np.array_equal(preprocess.largest_component(binary), reference(binary))
+    # the fall-backs: the kept component's background labelled afterwards
+    for limit in ("_MAX_REMOVED_VOXELS", "_CONCURRENT_LABEL_VOXELS"):
+        saved = getattr(preprocess, limit)
+        setattr(preprocess, limit, 0)
+        try:
+            for binary in cases[:60]:
+                assert np.array_equal(preprocess.largest_component(binary), reference(binary))
+        finally:
+            setattr(preprocess, limit, saved)
+
+
 def test_dice_and_hd95_of_known_shapes() -> None:
     truth = np.zeros((20, 30, 30), dtype=np.uint8)
     truth[5:15, 5:15, 5:15] = 1

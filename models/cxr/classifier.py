@@ -22,7 +22,7 @@ from monai.networks.nets import resnet18
 
 from models.bundle import ModelExpectation, is_external_model, load_external_model
 from models.card import ModelCard, ModelLoadError, load_weights, read_model_card
-from models.cxr.preprocess import PREPROCESSING_ID, PREPROCESSING_SPEC, preprocess_dataset
+from models.cxr.preprocess import PREPROCESSING_ID, PREPROCESSING_SPEC, preprocess_datasets
 from models.device import resolve_device
 from models.provenance import CodedLabel, ModelProvenance
 
@@ -168,8 +168,7 @@ class CxrClassifier:
         """Classify DICOM images (one result each, in order); see ``image_from_dataset``."""
         if not datasets:
             return []
-        batch = np.stack([preprocess_dataset(ds, INPUT_SIZE) for ds in datasets])
-        return self.predict_arrays(batch)
+        return self.predict_arrays(preprocess_datasets(datasets, INPUT_SIZE))
 
     def predict_arrays(self, batch: np.ndarray) -> list[ClassificationResult]:
         """Classify preprocessed images, shape (N, 1, 224, 224) or (N, 224, 224), in [0, 1]."""

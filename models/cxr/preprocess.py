@@ -8,6 +8,9 @@ exactly these two functions, so the model sees at inference what it saw in train
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -82,13 +85,82 @@ def _has_window(ds: pydicom.Dataset) -> bool:
     return ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
 
 
-def robust_window(values: np.ndarray) -> np.ndarray:
-    """Scale ``values`` to [0, 1] between their 0.5th and 99.5th percentiles (clipped)."""
-    lo, hi = np.percentile(values, ROBUST_WINDOW_PERCENTILES)
+def _scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         return np.zeros(values.shape, dtype=np.float32)
     out = (values.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def robust_window(values: np.ndarray) -> np.ndarray:
+    """Scale ``values`` to [0, 1] between their 0.5th and 99.5th percentiles (clipped)."""
+    lo, hi = np.percentile(values, ROBUST_WINDOW_PERCENTILES)
+    return _scale(values, float(lo), float(hi))
+
+
+#: Largest stored-value range mapped through a lookup table instead of pixel by pixel.
+_MAX_LUT_LEVELS = 2**17
+
+
+def percentiles_of_levels(
+    levels: np.ndarray, counts: np.ndarray, percentiles: tuple[float, ...]
+) -> tuple[float, ...]:
+    """``np.percentile`` (method "linear") of the values ``levels[i]`` taken ``counts[i]`` times.
+
+    The same result as ``np.percentile`` on the full array, from its histogram: the two
+    order statistics around each virtual index are looked up in the cumulative counts
+    and interpolated with numpy's own formula (``numpy.lib._function_base_impl._lerp``).
+    """
+    order = np.argsort(levels, kind="stable")
+    ranked = levels[order]
+    cumulative = np.cumsum(counts[order])
+    n = int(cumulative[-1])
+    quantiles = np.true_divide(np.asarray(percentiles, dtype=np.float64), 100)
+    virtual = (n - 1) * quantiles
+    previous = np.clip(np.floor(virtual), 0, n - 1).astype(np.intp)
+    following = np.clip(previous + 1, 0, n - 1)
+    following[virtual >= n - 1] = n - 1
+    gamma = virtual - np.floor(virtual)
+    # The k-th smallest value (0-based) is the first level whose cumulative count > k.
+    a = ranked[np.searchsorted(cumulative, previous, side="right")]
+    b = ranked[np.searchsorted(cumulative, following, side="right")]
+    diff = b - a
+    out = np.add(a, diff * gamma)
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe")
+    return tuple(float(v) for v in out)
+
+
+def _finish(image: np.ndarray, photometric: str) -> np.ndarray:
+    image = np.clip(image.astype(np.float32, copy=False), 0.0, 1.0)
+    if photometric == "MONOCHROME1":
+        image = 1.0 - image
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def _robust_window_by_levels(
+    stored: np.ndarray, ds: pydicom.Dataset, photometric: str
+) -> np.ndarray | None:
+    """The robust-window path of :func:`image_from_dataset` through a lookup table.
+
+    Integer pixels take few distinct values: the modality LUT, the percentiles (from a
+    histogram, see :func:`percentiles_of_levels`), the window and the inversion are
+    applied to each stored level once and the image is one table lookup. Every step is
+    elementwise, so the result equals the pixel-by-pixel one. ``None`` where the pixels
+    are not integers or span too many levels.
+    """
+    if stored.dtype.kind not in "iu" or stored.size == 0:
+        return None
+    base = 0 if stored.dtype.kind == "u" else int(stored.min())
+    top = int(stored.max())
+    if top - base + 1 > _MAX_LUT_LEVELS:
+        return None
+    index = stored if base == 0 else stored.astype(np.int64) - base
+    counts = np.bincount(index.ravel(), minlength=top - base + 1)
+    levels = apply_modality_lut(np.arange(base, top + 1).astype(stored.dtype), ds)
+    present = counts > 0
+    lo, hi = percentiles_of_levels(levels[present], counts[present], ROBUST_WINDOW_PERCENTILES)
+    table = _finish(_scale(levels, lo, hi), photometric)
+    return table[index]
 
 
 def image_from_dataset(ds: pydicom.Dataset) -> np.ndarray:
@@ -112,6 +184,11 @@ def image_from_dataset(ds: pydicom.Dataset) -> np.ndarray:
     if stored.ndim != 2:
         raise ValueError(f"expected a 2D pixel array, got shape {stored.shape}")
 
+    if not _has_voi_lut(ds) and not _has_window(ds):
+        by_levels = _robust_window_by_levels(stored, ds, photometric)
+        if by_levels is not None:
+            return by_levels
+
     values = apply_modality_lut(stored, ds)
     if _has_voi_lut(ds):
         if not np.issubdtype(values.dtype, np.integer):
@@ -125,11 +202,7 @@ def image_from_dataset(ds: pydicom.Dataset) -> np.ndarray:
         image = ((windowed - lo) / (hi - lo)).astype(np.float32)
     else:
         image = robust_window(values)
-
-    image = np.clip(image.astype(np.float32, copy=False), 0.0, 1.0)
-    if photometric == "MONOCHROME1":
-        image = 1.0 - image
-    return np.ascontiguousarray(image, dtype=np.float32)
+    return _finish(image, photometric)
 
 
 def to_model_input(image: np.ndarray, size: int = 224) -> np.ndarray:
@@ -161,3 +234,19 @@ def to_model_input(image: np.ndarray, size: int = 224) -> np.ndarray:
 def preprocess_dataset(ds: pydicom.Dataset, size: int = 224) -> np.ndarray:
     """``to_model_input(image_from_dataset(ds), size)``: the whole path from DICOM to network."""
     return to_model_input(image_from_dataset(ds), size)
+
+
+def preprocess_datasets(datasets: Sequence[pydicom.Dataset], size: int = 224) -> np.ndarray:
+    """:func:`preprocess_dataset` of each dataset, stacked as (N, 1, size, size) float32.
+
+    The images of a study go through in parallel threads, as many as torch's (numpy's
+    histogram and lookup and torch's resize release the GIL). Raises what
+    :func:`preprocess_dataset` raises for the first image that fails.
+    """
+    if not datasets:
+        return np.zeros((0, 1, size, size), dtype=np.float32)
+    workers = min(len(datasets), max(1, torch.get_num_threads()))
+    if workers == 1:
+        return np.stack([preprocess_dataset(ds, size) for ds in datasets])
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return np.stack(list(pool.map(partial(preprocess_dataset, size=size), datasets)))

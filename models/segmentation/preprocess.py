@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from models.segmentation.volume import CtVolume
 
@@ -63,6 +66,10 @@ PREPROCESSING_SPEC: dict[str, Any] = {
 _TARGET = (2, 1, 0)
 _STRUCTURE_26 = ndimage.generate_binary_structure(3, 3)
 _CHUNK_SLICES = 32
+#: Up to this many voxels (two int32 label arrays: 512 MiB) both labellings run at once.
+_CONCURRENT_LABEL_VOXELS = 64 * 1024 * 1024
+#: Up to this many voxels outside the largest component, its holes come from a graph.
+_MAX_REMOVED_VOXELS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -214,28 +221,98 @@ def prepare_mask(mask: np.ndarray, geometry: ModelGeometry) -> np.ndarray:
     return np.ascontiguousarray(geometry.reorientation.to_canonical(fraction), dtype=np.float32)
 
 
+def _label_background(binary: np.ndarray) -> tuple[np.ndarray, int]:
+    background, count = ndimage.label(~binary)
+    return background, int(count)
+
+
+def _fill_holes(keep: np.ndarray, background: np.ndarray, count: int, removed: np.ndarray) -> None:
+    """Fill the holes of ``keep`` in place, from the labelled background of a larger mask.
+
+    ``background`` labels (6-connected) the complement of the larger mask: ``keep`` and
+    the voxels at the flat indices ``removed`` (its other components). Each removed voxel
+    joins the background components and the removed voxels it touches (6-connected);
+    a group that does not reach the array's border is a hole.
+    This is what labelling the complement of ``keep`` again would give, for the price
+    of a graph over the removed voxels.
+    """
+    nodes = count + 1 + removed.size
+    border = np.zeros(nodes, dtype=bool)
+    faces = (
+        background[[0, -1], :, :].ravel(),
+        background[:, [0, -1], :].ravel(),
+        background[:, :, [0, -1]].ravel(),
+    )
+    border[np.concatenate(faces)] = True
+    if removed.size:
+        coords = np.unravel_index(removed, keep.shape)
+        strides = (keep.shape[1] * keep.shape[2], keep.shape[2], 1)
+        voxel_nodes = count + 1 + np.arange(removed.size)
+        flat_background = background.reshape(-1)
+        sources, targets = [], []
+        for coord, size, stride in zip(coords, keep.shape, strides, strict=True):
+            border[voxel_nodes[(coord == 0) | (coord == size - 1)]] = True
+            for step in (-1, 1):
+                inside = (coord + step >= 0) & (coord + step < size)
+                neighbours = removed[inside] + step * stride
+                own = voxel_nodes[inside]
+                label = flat_background[neighbours]
+                sources.append(own[label > 0])
+                targets.append(label[label > 0])
+                # Otherwise the neighbour is a removed voxel too (never a kept one: it
+                # would have been in the same 26-connected component).
+                others = neighbours[label == 0]
+                position = np.searchsorted(removed, others)
+                sources.append(own[label == 0])
+                targets.append(count + 1 + position)
+        graph = coo_matrix(
+            (
+                np.ones(sum(len(a) for a in sources), dtype=np.int8),
+                (np.concatenate(sources), np.concatenate(targets)),
+            ),
+            shape=(nodes, nodes),
+        )
+        _, group = connected_components(graph, directed=False)
+        hole = np.bincount(group, weights=border, minlength=int(group.max()) + 1)[group] == 0
+    else:
+        hole = ~border
+    hole[0] = False
+    if hole[: count + 1].any():
+        keep |= hole[: count + 1][background]
+    if removed.size:
+        np.put(keep, removed[hole[count + 1 :]], True)
+
+
 def largest_component(binary: np.ndarray) -> np.ndarray:
     """The largest 26-connected component of ``binary`` with its holes filled (bool)."""
-    labels, count = ndimage.label(binary, structure=_STRUCTURE_26)
+    binary = np.asarray(binary, dtype=bool)
+    # The background of ``binary`` is labelled at the same time as its components, in a
+    # second thread (scipy's label releases the GIL); the holes of the largest component
+    # follow from it and the few voxels of the other components (see _fill_holes).
+    # Where two label arrays would not fit comfortably, or the other components are
+    # large, the background of the largest component is labelled afterwards instead.
+    background_job: Future[tuple[np.ndarray, int]] | None = None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        if binary.size <= _CONCURRENT_LABEL_VOXELS:
+            background_job = pool.submit(_label_background, binary)
+        labels, count = ndimage.label(binary, structure=_STRUCTURE_26)
+        labelled = None if background_job is None else background_job.result()
     if count == 0:
         return np.zeros(binary.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    keep = labels == int(np.argmax(sizes))
+    removed = np.empty(0, dtype=np.intp)
+    if count == 1:
+        keep = binary.copy()
+    else:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        keep = labels == int(np.argmax(sizes))
+        if labelled is not None and int(sizes.sum() - sizes.max()) <= _MAX_REMOVED_VOXELS:
+            removed = np.flatnonzero(binary.reshape(-1) & ~keep.reshape(-1))
+        else:
+            labelled = None
     del labels
-    # Holes are background components (6-connected) that do not reach the array's border.
-    background, count = ndimage.label(~keep)
-    if count:
-        border = np.unique(
-            np.concatenate(
-                [
-                    background[[0, -1], :, :].ravel(),
-                    background[:, [0, -1], :].ravel(),
-                    background[:, :, [0, -1]].ravel(),
-                ]
-            )
-        )
-        keep |= (background > 0) & ~np.isin(background, border)
+    background, background_count = labelled or _label_background(keep)
+    _fill_holes(keep, background, background_count, removed)
     return keep
 
 
@@ -280,6 +357,8 @@ def probability_to_source(
     nz, ny, nx = geometry.source_shape
     mz = src_prob.shape[0]
     out = np.zeros((nz, ny, nx), dtype=np.uint8)
+    # The threshold is written straight into ``out`` (0/1 bytes, seen as bool by torch).
+    out_bool = torch.from_numpy(out.view(np.bool_))
     model = torch.from_numpy(src_prob)
     scale = mz / nz
     with torch.inference_mode():
@@ -294,6 +373,6 @@ def probability_to_source(
                 blended = F.interpolate(
                     blended[None], size=(ny, nx), mode="bilinear", align_corners=False
                 )[0]
-            out[start : start + len(k)] = (blended >= threshold).numpy()
+            torch.ge(blended, threshold, out=out_bool[start : start + len(k)])
     _postprocess_source(out)
     return out

@@ -31,7 +31,6 @@ from datetime import datetime
 from pathlib import Path
 
 import highdicom as hd
-import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -41,18 +40,20 @@ from models.provenance import CodedLabel, ModelProvenance
 from worker.outputs.dicom_common import (
     DEFAULT_PROCEDURE,
     SRReference,
-    check_identity,
     check_numbers,
     check_output_uids,
     completed_sources,
     contributing_equipment,
+    copy_top_level,
     derived_uid,
     device_observation_context,
-    library_entry,
+    image_library,
+    insert_image_library,
     lo,
     no_phi_warnings,
     pin_creation_time,
     previous_versions,
+    read_back_measurement_report,
     series_description_for,
     sr_algorithm_identification,
     write_dataset_durably,
@@ -221,12 +222,12 @@ def build_classification_sr(
         )
     )
 
+    # The Image Library is added to the built document (see image_library).
     report = hd.sr.MeasurementReport(
         observation_context=device_observation_context(provenance),
         procedure_reported=procedure_reported or DEFAULT_PROCEDURE,
         imaging_measurements=[group],
         title=codes.DCM.ImagingMeasurementReport,
-        referenced_images=[library_entry(src) for src in sources],
     )
     equipment = contributing_equipment(provenance, when, "AI classification")
     # The evidence is completed on copies: empty Type 2 patient/study attributes and the
@@ -258,33 +259,27 @@ def build_classification_sr(
     # the content time instead so that rebuilding with the same inputs (a retry) yields
     # the same document.
     pin_creation_time(sr, equipment)
-    return sr
+    insert_image_library(sr, image_library(sources))
+    # A plain dataset: highdicom's parsed ``content`` of ``sr`` lacks the library.
+    return copy_top_level(sr)
 
 
 def write_and_read_back(ds: Dataset, path: Path) -> Dataset:
     """Write ``ds`` to ``path`` atomically, read it back and check it.
 
     The file is written to a temporary file in the same directory, fsynced and renamed
-    over ``path``. It is then read back and its SOP Class, SOP Instance and Study
-    Instance UIDs are compared with ``ds`` and its content tree is parsed with
-    highdicom. Returns the dataset as read back. Raises ``ValueError`` (and removes the
-    file) when the check fails.
+    over ``path``. It is then read back once and checked against ``ds``
+    (:func:`~worker.outputs.dicom_common.read_back_measurement_report`: UIDs and file
+    meta, TID 1500 root, Image Library, evidence, and the content tree parsed with
+    highdicom); the report must hold an image measurement group. Returns the dataset as
+    read back. Raises ``ValueError`` (and removes the file) when the check fails.
     """
     path = Path(path)
+    if str(ds.get("SOPClassUID", "")) != COMPREHENSIVE_3D_SR_STORAGE:
+        raise ValueError("not a Comprehensive 3D SR instance")
     write_dataset_durably(ds, path)
     with removed_on_failure(path):
-        try:
-            back = pydicom.dcmread(path)
-        except Exception as exc:
-            raise ValueError(f"SR file does not read back: {type(exc).__name__}") from exc
-        check_identity(back, ds, "SR")
-        try:
-            parsed = hd.sr.srread(path)
-            content = parsed.content
-        except Exception as exc:
-            raise ValueError(f"SR content tree does not parse: {type(exc).__name__}") from exc
-        if isinstance(content, hd.sr.MeasurementReport) and not (
-            content.get_image_measurement_groups()
-        ):
+        back, report = read_back_measurement_report(path, ds)
+        if not report.get_image_measurement_groups():
             raise ValueError("SR read back has no measurement group")
     return back

@@ -39,18 +39,20 @@ from models.provenance import ModelProvenance
 from worker.outputs.dicom_common import (
     DEFAULT_PROCEDURE,
     SRReference,
-    check_identity,
     check_numbers,
     check_output_uids,
     completed_sources,
     contributing_equipment,
+    copy_top_level,
     derived_uid,
     device_observation_context,
-    library_entry,
+    image_library,
+    insert_image_library,
     lo,
     no_phi_warnings,
     pin_creation_time,
     previous_versions,
+    read_back_measurement_report,
     series_description_for,
     sr_algorithm_identification,
     write_dataset_durably,
@@ -60,6 +62,7 @@ from worker.outputs.dicom_seg import (
     slice_positions,
     sort_by_slice_position,
 )
+from worker.outputs.dicom_sr import COMPREHENSIVE_3D_SR_STORAGE
 from worker.outputs.files import removed_on_failure
 
 __all__ = [
@@ -279,14 +282,16 @@ def build_volume_sr(
     sop_instance_uid: str | None = None,
     content_datetime: datetime | None = None,
     procedure_reported: Code | hd.sr.CodedConcept | None = None,
-) -> hd.sr.Comprehensive3DSR:
+) -> Dataset:
     """Build a Comprehensive 3D SR (TID 1500) with one Measurement Group per segment.
 
     ``sources`` are the CT slices the SEG was made from (pixel data not needed), ``seg``
     the SEG (as built or as read back), ``measurements`` one :class:`VolumeMeasurement`
     per segment reported. ``predecessor`` names an SR this one supersedes. UIDs default
     to ones derived from the SEG; pass ``content_datetime`` to reproduce the file byte
-    for byte.
+    for byte. The Image Library lists the slices under the segments' frames, with the
+    geometry they share said once (see :func:`~worker.outputs.dicom_common.image_library`).
+    Returns the SR as a pydicom dataset, ready to write.
 
     Raises ``ValueError`` when the SEG is not of these sources, a measurement names a
     segment the SEG lacks or twice, or UIDs are invalid.
@@ -332,12 +337,13 @@ def build_volume_sr(
     groups = [
         _measurement_group(seg, segments[m.segment_number], m, algorithm) for m in measurements
     ]
+    # The Image Library is added after highdicom has built the document: it deep-copies
+    # and re-parses every content item it is given (seconds for one entry per slice).
     report = hd.sr.MeasurementReport(
         observation_context=device_observation_context(provenance),
         procedure_reported=procedure_reported or DEFAULT_PROCEDURE,
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
-        referenced_images=[library_entry(src) for src in library],
     )
     equipment = contributing_equipment(provenance, when, "AI segment volumes")
     with no_phi_warnings():
@@ -363,32 +369,30 @@ def build_volume_sr(
             series_time=when.time(),
         )
     pin_creation_time(sr, equipment)
-    return sr
+    insert_image_library(sr, image_library(library))
+    # A plain dataset: highdicom's parsed ``content`` of ``sr`` lacks the library.
+    return copy_top_level(sr)
 
 
-def write_volume_sr_and_read_back(sr: Dataset, path: Path) -> hd.sr.Comprehensive3DSR:
-    """Write a volume SR to ``path`` atomically, read it back with highdicom and check it.
+def write_volume_sr_and_read_back(sr: Dataset, path: Path) -> Dataset:
+    """Write a volume SR to ``path`` atomically, read it back and check it.
 
-    The check compares the SOP Class, SOP Instance and Study Instance UIDs and requires
-    the content tree to parse as a TID 1500 report with as many volumetric Measurement
-    Groups as ``sr``. Returns the SR as read back. Raises ``ValueError`` (and removes the
-    file) when the check fails.
+    The check (:func:`~worker.outputs.dicom_common.read_back_measurement_report`)
+    compares the UIDs, the Image Library and the evidence with ``sr``, and requires the
+    content tree to parse with highdicom as a TID 1500 report with as many volumetric
+    Measurement Groups as ``sr``, each with its volume. Returns the dataset as read back.
+    Raises ``ValueError`` (and removes the file) when the check fails.
     """
     path = Path(path)
     expected = len(sr.ContentSequence[-1].ContentSequence) if "ContentSequence" in sr else 0
+    if str(sr.get("SOPClassUID", "")) != COMPREHENSIVE_3D_SR_STORAGE:
+        raise ValueError("not a Comprehensive 3D SR instance")
     write_dataset_durably(sr, path)
     with removed_on_failure(path):
-        try:
-            back = hd.sr.srread(path)
-            content = back.content
-        except Exception as exc:
-            raise ValueError(f"SR file does not read back: {type(exc).__name__}") from exc
-        check_identity(back, sr, "SR")
-        if not isinstance(back, hd.sr.Comprehensive3DSR) or not isinstance(
-            content, hd.sr.MeasurementReport
-        ):
-            raise ValueError("SR read back is not a TID 1500 Comprehensive 3D SR")
-        groups = content.get_volumetric_roi_measurement_groups()
+        back, report = read_back_measurement_report(path, sr)
+        groups = report.get_volumetric_roi_measurement_groups()
         if not groups or len(groups) != expected:
             raise ValueError("SR read back lacks its volumetric measurement groups")
+        if any(not group.get_measurements(name=VOLUME_CODE) for group in groups):
+            raise ValueError("SR read back lacks a volume measurement")
     return back
