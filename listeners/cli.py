@@ -119,6 +119,18 @@ def listen_dicom(
     from db.engine import Database
     from listeners.dicom import StorageSCP
 
+    rules = clinical_rules = None
+    if sweeper:  # the rules are read before anything listens: a bad file stops the start
+        from worker.clinical_rules import ClinicalRules
+        from worker.routing import RoutingRules, RulesError
+
+        try:
+            rules = RoutingRules.load(settings.rules_file)
+            clinical_rules = ClinicalRules.load(settings.clinical_rules_file)
+        except RulesError as exc:
+            err.print(f"[red]carebridge: {exc}[/red]")
+            raise typer.Exit(2) from None
+
     # The SCP's own engine: its SQLite commits are not synced one by one (each instance's
     # file is), and the rows a power loss could undo are rebuilt from the files here.
     scp = StorageSCP(settings, Database(settings.database_url, durable_commits=False))
@@ -145,15 +157,12 @@ def listen_dicom(
     sweeper_thread = None
     if sweeper:
         from worker.celery_app import make_celery
-        from worker.routing import RoutingRules
         from worker.runtime import Dispatcher
         from worker.sweeper import Sweeper
 
+        assert rules is not None
         sweep = Sweeper(
-            settings,
-            database,
-            Dispatcher(make_celery(settings)),
-            RoutingRules.load(settings.rules_file),
+            settings, database, Dispatcher(make_celery(settings)), rules, clinical_rules
         )
         sweeper_thread = threading.Thread(target=sweep.run, args=(stop,), name="sweeper")
         sweeper_thread.start()

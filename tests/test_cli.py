@@ -210,3 +210,17 @@ def test_several_listener_processes_share_port_and_route_once(
         deployment.scalar("SELECT count(*) FROM audit_events WHERE event_type = 'study.stable'")
         == 1
     )
+
+
+def test_a_bad_clinical_rules_file_stops_the_listener_before_it_listens(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    bad = tmp_path / "clinical.yaml"
+    bad.write_text("version: 1\npipelines:\n  risk-scoring:\n    queue: tpu\n")
+    with Carebridge(tmp_path / "cb", models_dir) as carebridge:
+        carebridge.upgrade()
+        carebridge.env["CAREBRIDGE_CLINICAL_RULES_FILE"] = str(bad)
+        result = carebridge.cli("listen-dicom", check=False, timeout=120)
+    assert result.returncode == 2
+    assert "clinical.yaml" in result.stderr and "queue must be 'gpu' or 'cpu'" in result.stderr
+    assert "ready" not in result.stdout

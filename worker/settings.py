@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     rules_file: Path | None = Field(
         None, description="Routing rules (YAML); unset = the shipped default rules."
     )
+    clinical_rules_file: Path | None = Field(
+        None,
+        description="Clinical routing rules (YAML); unset = the shipped default rules.",
+    )
 
     # DICOM SCP
     dicom_ae_title: str = Field("CAREBRIDGE", description="Our AE title (called AE).")

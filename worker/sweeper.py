@@ -75,7 +75,7 @@ class Sweeper:
         self.database = database
         self.dispatcher = dispatcher
         self.rules = rules
-        self.clinical_rules = clinical_rules or ClinicalRules.load()
+        self.clinical_rules = clinical_rules or ClinicalRules.load(settings.clinical_rules_file)
 
     # Study completion ---------------------------------------------------------------
 
