@@ -16,7 +16,6 @@ from pydicom.uid import generate_uid
 
 from models.provenance import ModelProvenance, device_uid_for
 from tests.fixtures_ct import LIVER_HU, CTPhantom, assert_dciodvfy_clean, make_ct_phantom
-from worker.outputs.dicom_common import read_back_measurement_report
 from worker.outputs.dicom_seg import build_liver_seg
 from worker.outputs.dicom_sr import COMPREHENSIVE_3D_SR_STORAGE, SRReference
 from worker.outputs.dicom_volume_sr import (
@@ -29,6 +28,7 @@ from worker.outputs.dicom_volume_sr import (
     measure_segment,
     write_volume_sr_and_read_back,
 )
+from worker.outputs.sr_library import read_back_measurement_report
 
 SHA = "0123456789abcdef" * 4
 WHEN = datetime(2024, 1, 2, 10, 30, 0)

@@ -171,9 +171,7 @@ def test_a_bundle_segments_like_the_network_it_holds(
     assert got.volume_ml == pytest.approx(expected.volume_ml, rel=1e-3)
 
 
-def test_a_bundle_without_a_background_channel_is_refused(
-    models_dir: Path, tmp_path: Path
-) -> None:
+def test_a_bundle_without_a_background_channel_is_refused(models_dir: Path, tmp_path: Path) -> None:
     native = LiverSegmenter.load(models_dir / "liver-unet3d")
     bundle = _export_bundle(native, tmp_path / "one_channel", "SPL")
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())

@@ -31,8 +31,7 @@ from worker.senders.fhir import FhirClient, FhirDeliveryError
 log = logging.getLogger("carebridge.catchup")
 
 BACKPORT_FILTER_CRITERIA = (
-    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
-    "backport-filter-criteria"
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria"
 )
 ACCEPTED_TYPES = ("DocumentReference", "Observation", "Condition", "Patient")
 # Clocks of the EHR and of carebridge differ: search a little before the last notification.

@@ -47,18 +47,20 @@ from worker.outputs.dicom_common import (
     copy_top_level,
     derived_uid,
     device_observation_context,
-    image_library,
-    insert_image_library,
     lo,
     no_phi_warnings,
     pin_creation_time,
     previous_versions,
-    read_back_measurement_report,
     series_description_for,
     sr_algorithm_identification,
     write_dataset_durably,
 )
 from worker.outputs.files import removed_on_failure
+from worker.outputs.sr_library import (
+    image_library,
+    insert_image_library,
+    read_back_measurement_report,
+)
 
 __all__ = [
     "CLASS_PROBABILITIES_CODE",
@@ -269,7 +271,7 @@ def write_and_read_back(ds: Dataset, path: Path) -> Dataset:
 
     The file is written to a temporary file in the same directory, fsynced and renamed
     over ``path``. It is then read back once and checked against ``ds``
-    (:func:`~worker.outputs.dicom_common.read_back_measurement_report`: UIDs and file
+    (:func:`~worker.outputs.sr_library.read_back_measurement_report`: UIDs and file
     meta, TID 1500 root, Image Library, evidence, and the content tree parsed with
     highdicom); the report must hold an image measurement group. Returns the dataset as
     read back. Raises ``ValueError`` (and removes the file) when the check fails.

@@ -46,13 +46,10 @@ from worker.outputs.dicom_common import (
     copy_top_level,
     derived_uid,
     device_observation_context,
-    image_library,
-    insert_image_library,
     lo,
     no_phi_warnings,
     pin_creation_time,
     previous_versions,
-    read_back_measurement_report,
     series_description_for,
     sr_algorithm_identification,
     write_dataset_durably,
@@ -64,6 +61,11 @@ from worker.outputs.dicom_seg import (
 )
 from worker.outputs.dicom_sr import COMPREHENSIVE_3D_SR_STORAGE
 from worker.outputs.files import removed_on_failure
+from worker.outputs.sr_library import (
+    image_library,
+    insert_image_library,
+    read_back_measurement_report,
+)
 
 __all__ = [
     "MEAN",
@@ -290,7 +292,7 @@ def build_volume_sr(
     per segment reported. ``predecessor`` names an SR this one supersedes. UIDs default
     to ones derived from the SEG; pass ``content_datetime`` to reproduce the file byte
     for byte. The Image Library lists the slices under the segments' frames, with the
-    geometry they share said once (see :func:`~worker.outputs.dicom_common.image_library`).
+    geometry they share said once (see :func:`~worker.outputs.sr_library.image_library`).
     Returns the SR as a pydicom dataset, ready to write.
 
     Raises ``ValueError`` when the SEG is not of these sources, a measurement names a
@@ -377,7 +379,7 @@ def build_volume_sr(
 def write_volume_sr_and_read_back(sr: Dataset, path: Path) -> Dataset:
     """Write a volume SR to ``path`` atomically, read it back and check it.
 
-    The check (:func:`~worker.outputs.dicom_common.read_back_measurement_report`)
+    The check (:func:`~worker.outputs.sr_library.read_back_measurement_report`)
     compares the UIDs, the Image Library and the evidence with ``sr``, and requires the
     content tree to parse with highdicom as a TID 1500 report with as many volumetric
     Measurement Groups as ``sr``, each with its volume. Returns the dataset as read back.

@@ -306,9 +306,7 @@ class FhirClient:
             )
         return resource
 
-    def subscription_events(
-        self, subscription_id: str, since: int, until: int
-    ) -> dict[str, Any]:
+    def subscription_events(self, subscription_id: str, since: int, until: int) -> dict[str, Any]:
         """The Subscriptions backport ``$events`` operation: notifications ``since``..``until``
         (event numbers, inclusive) as a notification Bundle with full resources.
 
