@@ -26,9 +26,9 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.datadict import tag_for_keyword
-from pydicom.filereader import data_element_generator, read_file_meta_info
+from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import (
@@ -206,11 +206,6 @@ def scan_dataset(encoded: bytes | memoryview, *, implicit_vr: bool, little_endia
     dataset = Dataset(found)
     dataset.set_original_encoding(implicit_vr, little_endian)
     return dataset
-
-
-def check_complete(encoded: bytes, *, implicit_vr: bool, little_endian: bool) -> None:
-    """Raise ValueError unless ``encoded`` is a sequence of whole data elements."""
-    scan_dataset(encoded, implicit_vr=implicit_vr, little_endian=little_endian)
 
 
 def patient_key_of(dataset: Dataset) -> str | None:
@@ -658,7 +653,7 @@ def _recovered_instance(
         raw = path.read_bytes()
         if raw[128:132] != b"DICM":
             return None
-        meta = read_file_meta_info(path)
+        meta = dcmread(io.BytesIO(raw), stop_before_pixels=True).file_meta  # the bytes read once
         transfer_syntax = UID(str(meta.TransferSyntaxUID))
         start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
         body: bytes = raw[start:]

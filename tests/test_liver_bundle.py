@@ -182,3 +182,13 @@ def test_a_bundle_without_a_background_channel_is_refused(models_dir: Path, tmp_
     (tmp_path / "model.ts").write_bytes((bundle / "models" / "model.ts").read_bytes())
     with pytest.raises(ModelLoadError, match="MONAI bundle directory"):
         LiverSegmenter.load(tmp_path / "model.ts")
+
+
+def test_a_bundle_window_outside_the_pipelines_limits_is_refused(tmp_path: Path) -> None:
+    bundle = tmp_path / "tiny_roi"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "inference.json").write_text(
+        json.dumps(_inference("RAS", [1.5, 1.5, 2.0], [4, 4, 4]))
+    )
+    with pytest.raises(ModelLoadError, match="tiny_roi.*roi_size"):
+        LiverSegmenter.load(bundle)

@@ -407,9 +407,10 @@ def patient_keys(resources: Sequence[ClinicalResource], patient_id_system: str |
         if row.resource_type != "Patient":
             continue
         for identifier in row.body.get("identifier") or []:
-            value = identifier.get("value") if isinstance(identifier, dict) else None
-            if identifier.get("system") == patient_id_system and isinstance(value, str):
-                keys.add(value)
+            if not isinstance(identifier, dict) or identifier.get("system") != patient_id_system:
+                continue
+            if isinstance(identifier.get("value"), str):
+                keys.add(identifier["value"])
     return keys
 
 

@@ -257,6 +257,10 @@ class LiverSegmenter:
                 "configs/inference.json says how to feed the network), not a bare TorchScript file"
             )
         bundle = read_bundle_input(path)
+        try:  # the same limits as a carebridge card's input
+            InputSpec(bundle.spacing_mm, bundle.roi_size, bundle.hu_window)
+        except ValueError as exc:
+            raise ModelLoadError(f"MONAI bundle {path.name!r}: {exc}") from exc
         expected = ModelExpectation(
             task=TASK,
             channels=1,
