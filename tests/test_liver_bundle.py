@@ -190,5 +190,5 @@ def test_a_bundle_window_outside_the_pipelines_limits_is_refused(tmp_path: Path)
     (bundle / "configs" / "inference.json").write_text(
         json.dumps(_inference("RAS", [1.5, 1.5, 2.0], [4, 4, 4]))
     )
-    with pytest.raises(ModelLoadError, match="tiny_roi.*roi_size"):
+    with pytest.raises(ModelLoadError, match=r"tiny_roi.*roi_size"):
         LiverSegmenter.load(bundle)
