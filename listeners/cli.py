@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -177,12 +180,79 @@ def listen_dicom(
         sweeper_thread.join(10)
 
 
+#: Where the webhook processes of one ``listen-fhir --processes N`` keep their counters
+#: (prometheus_client's multiprocess mode), under the var directory.
+FHIR_METRICS_DIR = "fhir-metrics"
+
+
+def _shared_port_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket that the other processes of this group bind too
+    (SO_REUSEPORT: the kernel spreads connections over them)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    """Nobody listens on host:port (another group sharing it with SO_REUSEPORT included)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _reset_metrics_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):  # counters of an earlier run
+        stale.unlink(missing_ok=True)
+
+
 @app.command("listen-fhir")
-def listen_fhir(log_level: LogLevel = "INFO") -> None:
+def listen_fhir(
+    processes: Annotated[
+        int, typer.Option(min=1, max=64, help="Webhook processes sharing the port.")
+    ] = 1,
+    ready_fd: Annotated[
+        int | None,
+        typer.Option(hidden=True, help="Internal: a process of a group reports ready here."),
+    ] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
     """Run the FHIR webhook (Subscription notifications, direct POSTs) on FHIR_HOST:FHIR_PORT."""
     _logging(log_level)
     settings = _settings()
     database = _database(settings)
+    host, port = settings.fhir_host, settings.fhir_port
+    member = ready_fd is not None  # started by a group's first process
+    sockets: list[socket.socket] | None = None
+    if processes > 1 or member:
+        if not member:
+            if not _port_is_free(host, port):
+                err.print(f"[red]carebridge listen-fhir: {host}:{port} is in use[/red]")
+                raise typer.Exit(1)
+            # Counters of every process of the group, summed on each /metrics scrape. Set
+            # before prometheus_client is imported (it chooses its storage then).
+            metrics_dir = settings.var_dir / FHIR_METRICS_DIR
+            _reset_metrics_dir(metrics_dir)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        try:
+            sockets = [_shared_port_socket(host, port)]
+        except OSError as exc:
+            err.print(f"[red]carebridge listen-fhir: cannot listen on {host}:{port}: {exc}[/red]")
+            raise typer.Exit(1) from None
     import uvicorn
 
     from listeners.fhir import create_app
@@ -197,8 +267,8 @@ def listen_fhir(log_level: LogLevel = "INFO") -> None:
     server = uvicorn.Server(
         uvicorn.Config(
             api,
-            host=settings.fhir_host,
-            port=settings.fhir_port,
+            host=host,
+            port=port,
             log_level=log_level.lower(),
             log_config=None,  # keep carebridge's logging
             access_log=False,  # paths and peers are counted in /metrics instead
@@ -206,21 +276,78 @@ def listen_fhir(log_level: LogLevel = "INFO") -> None:
     )
     stop = _wait_for_signal()
     # uvicorn runs in a thread so that this thread keeps the signal handlers, as elsewhere.
-    thread = threading.Thread(target=server.run, name="fhir-webhook")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, name="fhir-webhook")
     thread.start()
     while not server.started and thread.is_alive():
         time.sleep(0.05)
     if not thread.is_alive():
         err.print("[red]carebridge listen-fhir: the webhook did not start[/red]")
         raise typer.Exit(1)
-    print("carebridge listen-fhir: ready", flush=True)
+    if member:
+        assert ready_fd is not None
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b"r")
+            os.close(ready_fd)
+    group = _start_fhir_group(processes - 1, log_level) if processes > 1 else []
+    if any(proc.poll() is not None for proc in group):
+        err.print("[red]carebridge listen-fhir: a webhook process did not start[/red]")
+        stop.set()
+    else:
+        print(
+            "carebridge listen-fhir: ready"
+            + (f" ({processes} processes)" if processes > 1 else ""),
+            flush=True,
+        )
     while not stop.is_set() and thread.is_alive():
         stop.wait(0.5)
+    for proc in group:
+        proc.terminate()
     server.should_exit = True
     thread.join(30)
+    for proc in group:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     database.dispose()
-    if not stop.is_set():
-        raise typer.Exit(1)  # the server stopped on its own
+    if not stop.is_set() or any(proc.returncode not in (0, -signal.SIGTERM) for proc in group):
+        raise typer.Exit(1)  # the server or one of its group stopped on its own
+
+
+#: How long the other processes of a ``listen-fhir`` group may take to start.
+GROUP_START_S = 120.0
+
+
+def _start_fhir_group(count: int, log_level: str) -> list[subprocess.Popen[bytes]]:
+    """Start ``count`` more webhook processes on the same port; return once each is
+    serving, or has exited (its returncode is then set)."""
+    group = []
+    for _ in range(count):
+        read_end, write_end = os.pipe()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "listeners.cli",
+                "listen-fhir",
+                "--ready-fd",
+                str(write_end),
+                "--log-level",
+                log_level,
+            ],
+            pass_fds=(write_end,),
+        )
+        os.close(write_end)
+        group.append(proc)
+        try:
+            # One byte once it serves; end of file if it exits first.
+            started = select.select([read_end], [], [], GROUP_START_S)[0]
+            if not started or not os.read(read_end, 1):
+                proc.kill()
+                proc.wait()
+        finally:
+            os.close(read_end)
+    return group
 
 
 @app.command()

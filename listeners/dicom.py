@@ -8,8 +8,6 @@ sweeper turns committed rows into work, so a broker outage never refuses a study
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import logging
@@ -42,7 +40,6 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import audit
@@ -272,11 +269,6 @@ class StorageSCP:
         self.archive_dir = settings.archive_dir.resolve()
         self._tallies: dict[int, _AssociationTally] = {}
         self._lock = threading.Lock()
-        self._writer: contextlib.AbstractContextManager[Any] = (
-            _SqliteWriterTurn(database.url)
-            if database.dialect == "sqlite"
-            else contextlib.nullcontext()
-        )
         self.recorder = InstanceRecorder(database.dialect)
         self.ae = self._make_ae()
 
@@ -472,7 +464,7 @@ class StorageSCP:
             patient_key=patient_key,
         )
         try:
-            with self._writer, self.database.session() as session:
+            with self.database.writer_turn(), self.database.session() as session:
                 new = self.recorder.record(session, received)
         except SQLAlchemyError:
             self.recorder.forget()
@@ -598,46 +590,6 @@ class StorageSCP:
             self.settings.dicom_port,
         )
         return server
-
-
-class _SqliteWriterTurn:
-    """Turns at writing an SQLite database, for the listener's threads and processes.
-
-    SQLite has one writer at a time, and a connection that finds the database locked sleeps
-    in steps of milliseconds before it retries. The associations of all listener processes
-    take turns here instead: a thread lock, then an exclusive ``flock`` on a file next to
-    the database, which wakes the next writer as soon as it is released. A commit holds it
-    for a fraction of a millisecond.
-    """
-
-    def __init__(self, url: str) -> None:
-        self._threads = threading.Lock()
-        database = make_url(url).database
-        self._path = (
-            Path(database).with_name(Path(database).name + ".writer-lock")
-            if database and database != ":memory:"
-            else None
-        )
-        self._fd: int | None = None
-
-    def __enter__(self) -> None:
-        self._threads.acquire()
-        if self._path is None:
-            return
-        try:
-            if self._fd is None:
-                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except OSError:
-            pass  # no lock file (read-only directory): SQLite's own locking still holds
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if self._fd is not None:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._threads.release()
 
 
 def _subdirectories(path: Path) -> list[Path]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
@@ -138,7 +139,12 @@ class Refused(Exception):
 
 
 class WebhookMetrics:
-    """Prometheus counters of one app, in a registry of its own."""
+    """Prometheus counters of one app, in a registry of its own.
+
+    In a group of webhook processes (``listen-fhir --processes N``, which sets
+    ``PROMETHEUS_MULTIPROC_DIR``) each process keeps its counters in that directory and a
+    scrape of any of them reports the group's sums.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -160,6 +166,16 @@ class WebhookMetrics:
             ["reason"],
             registry=self.registry,
         )
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition: this app's counters, or its group's."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            group = CollectorRegistry()
+            multiprocess.MultiProcessCollector(group)
+            return generate_latest(group)
+        return generate_latest(self.registry)
 
 
 class _CountRequests:
@@ -492,7 +508,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        """Prometheus text exposition of this app's counters."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus text exposition of the webhook's counters."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app

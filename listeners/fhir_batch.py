@@ -289,7 +289,9 @@ class GroupCommitter:
             else:
                 groups.setdefault(item.together.record_many, []).append(item)
         try:
-            with self.database.session() as session:
+            # A turn at SQLite's writer among this process's and the other listener
+            # processes' writers (a no-op on PostgreSQL).
+            with self.database.writer_turn(), self.database.session() as session:
                 for record_many, members in groups.items():
                     self._run_together(session, record_many, members)
                 for item in alone:

@@ -1329,9 +1329,9 @@ class ListenFhir:
 
 
 @contextlib.contextmanager
-def listen_fhir(tmp_path: Path) -> Iterator[ListenFhir]:
-    """`carebridge listen-fhir` on a free port with a migrated SQLite database; stopped
-    with SIGTERM on leaving."""
+def listen_fhir(tmp_path: Path, *options: str) -> Iterator[ListenFhir]:
+    """`carebridge listen-fhir [options]` on a free port with a migrated SQLite database,
+    once it says it is ready; stopped with SIGTERM on leaving."""
     port = free_port()
     url = f"sqlite:///{tmp_path / 'var' / 'carebridge.db'}"
     upgrade(url)
@@ -1346,7 +1346,7 @@ def listen_fhir(tmp_path: Path) -> Iterator[ListenFhir]:
     server = ListenFhir(port, url, tmp_path / "listen-fhir.log")
     with server.log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "listeners.cli", "listen-fhir"],
+            [sys.executable, "-m", "listeners.cli", "listen-fhir", *options],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -1354,6 +1354,10 @@ def listen_fhir(tmp_path: Path) -> Iterator[ListenFhir]:
         )
     try:
         wait_for_port("127.0.0.1", port, timeout=60, proc=proc)
+        deadline = time.monotonic() + 120
+        while "carebridge listen-fhir: ready" not in server.log_path.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, server.log_path.read_text()
+            time.sleep(0.1)
         yield server
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -1411,3 +1415,64 @@ def test_listen_fhir_command_takes_concurrent_requests(tmp_path: Path) -> None:
     # Shutting down hands whatever was still waiting to the broker.
     assert all(row.status is FhirEventStatus.QUEUED and row.task_id for row in rows)
     assert len({row.task_id for row in rows}) == 46
+
+
+def test_listen_fhir_group_shares_its_port(tmp_path: Path) -> None:
+    """`listen-fhir --processes 2`: two processes on one port take 60 concurrent EHR
+    connections between them; every request is one committed event handed to the broker
+    once, the chain verifies, /metrics of either process counts the whole group, a second
+    group on the same port is refused, and SIGTERM stops both processes."""
+    start = threading.Barrier(60)
+    with listen_fhir(tmp_path, "--processes", "2") as server:
+        metrics_dir = tmp_path / "var" / "fhir-metrics"
+
+        def one(n: int) -> requests.Response:
+            start.wait()
+            return server.post(observation(n), **{"webhook-id": f"group_{n}"})
+
+        with ThreadPoolExecutor(60) as pool:
+            responses = list(pool.map(one, range(60)))
+        # A request is counted once its answer is sent: the last counts may trail a little.
+        counted = 'carebridge_fhir_requests_total{route="/fhir/{resource_type}",status="202"} 60.0'
+        deadline = time.monotonic() + 10
+        while True:
+            exposition = requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=30).text
+            if counted in exposition or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        counter_files = sorted(metrics_dir.glob("counter_*.db"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAREBRIDGE_")}
+        env.update(
+            CAREBRIDGE_DATABASE_URL=server.url,
+            CAREBRIDGE_ARCHIVE_DIR=str(tmp_path / "var" / "archive"),
+            CAREBRIDGE_FHIR_PORT=str(server.port),
+            CAREBRIDGE_WEBHOOK_TOKEN=TOKEN,
+        )
+        second = subprocess.run(
+            [sys.executable, "-m", "listeners.cli", "listen-fhir", "--processes", "2"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        pids = {int(path.stem.split("_")[1]) for path in counter_files}
+    output = server.log_path.read_text()
+    assert server.returncode == 0, output
+    assert "ready (2 processes)" in output
+    assert [r.status_code for r in responses] == [202] * 60, responses[0].text
+    assert second.returncode == 1 and "is in use" in second.stderr
+    # Both processes answered requests (the kernel spread 60 connections over the two).
+    assert len(pids) == 2, counter_files
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # both stopped
+    assert counted in exposition, exposition
+    answered = sorted(event_ids(r.json())[0] for r in responses)
+    database = Database(server.url)
+    try:
+        rows = events(database)
+        assert_chain_verifies(database)
+    finally:
+        database.dispose()
+    assert answered == [row.id for row in rows]
+    assert all(row.status is FhirEventStatus.QUEUED and row.task_id for row in rows)
+    assert len({row.task_id for row in rows}) == 60
