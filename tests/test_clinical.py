@@ -499,3 +499,20 @@ def test_the_patients_imaging_results_join_the_treatment_context(
         for text in notes
     ), notes
     assert not any("Pneumonia" in text for text in notes)
+    # The chest X-ray's own DiagnosticReport, by the business identifier it reaches the
+    # EHR with (conditionally created there by the imaging result's Bundle).
+    from worker.pipelines.fhir_output import RESULT_IDENTIFIER_SYSTEM, result_business_id
+
+    with runtime.database.session() as session:
+        cxr = session.get(Result, mine)
+        assert cxr is not None
+        report_id = f"{result_business_id(cxr.id, cxr.input_hash)}-report"
+    imaging_refs = [ref for ref in careplan["supportingInfo"] if "identifier" in ref]
+    assert imaging_refs == [
+        {
+            "type": "DiagnosticReport",
+            "identifier": {"system": RESULT_IDENTIFIER_SYSTEM, "value": report_id},
+            "display": imaging["summary"],
+        }
+    ]
+    assert all("reference" in ref for ref in careplan["supportingInfo"] if ref not in imaging_refs)

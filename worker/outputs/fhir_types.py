@@ -59,6 +59,7 @@ __all__ = [
     "FhirEntry",
     "FhirOutput",
     "ImagingFinding",
+    "LogicalRef",
     "OrganVolume",
     "ResourceRef",
     "ResultContext",
@@ -289,6 +290,35 @@ class ResourceRef:
     def as_fhir(self) -> dict[str, Any]:
         """The FHIR ``Reference`` JSON."""
         return {"reference": self.reference}
+
+
+@dataclass(frozen=True)
+class LogicalRef:
+    """A reference by business identifier, for a resource whose id in the EHR is not
+    known here (e.g. another result's output, conditionally created there)."""
+
+    resource_type: str
+    system: str
+    value: str
+    display: str | None = None
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Z][A-Za-z]{1,63}", self.resource_type or ""):
+            raise ValueError("LogicalRef.resource_type must be a FHIR resource type")
+        if not isinstance(self.system, str) or not _URI_RE.fullmatch(self.system):
+            raise ValueError("LogicalRef.system must be an absolute URI without spaces or '|'")
+        if not isinstance(self.value, str) or not self.value.strip():
+            raise ValueError("LogicalRef.value must be a non-empty identifier")
+
+    def as_fhir(self) -> dict[str, Any]:
+        """The FHIR ``Reference`` JSON (type, identifier and display; no literal URL)."""
+        out: dict[str, Any] = {
+            "type": self.resource_type,
+            "identifier": {"system": self.system, "value": self.value},
+        }
+        if self.display:
+            out["display"] = self.display
+        return out
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,29 @@ from models.card import ModelLoadError
 from models.provenance import CodedLabel, ModelProvenance
 from worker.clinical import load_clinical_inputs
 from worker.jobs import ClaimedJob, PermanentJobError
-from worker.outputs.fhir import ResultContext, SubjectRef
-from worker.pipelines.fhir_output import result_context
+from worker.outputs.fhir import (
+    IMAGING_REPORT_PART,
+    LIVER_VOLUME_PART,
+    LogicalRef,
+    ResultContext,
+    SubjectRef,
+)
+from worker.pipelines.fhir_output import (
+    RESULT_IDENTIFIER_SYSTEM,
+    result_business_id,
+    result_context,
+)
 from worker.results import get_or_create_result
 from worker.runtime import Runtime
 
 ModelT = TypeVar("ModelT")
+
+
+#: The resource each imaging pipeline's finding reaches the EHR as, and its output part.
+IMAGING_FHIR_OUTPUTS = {
+    "cxr-classification": ("DiagnosticReport", IMAGING_REPORT_PART),
+    "liver-segmentation": ("Observation", LIVER_VOLUME_PART),
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,7 @@ class ImagingFinding:
     """One imaging result joined to a clinical job's patient context."""
 
     result_id: int
+    input_hash: str
     pipeline: str
     study_instance_uid: str
     finding: str
@@ -58,7 +76,22 @@ class ImagingFinding:
             f"unverified; study {self.study_instance_uid}, {self.created_at:%Y-%m-%d}."
         )
 
+    def fhir_reference(self) -> LogicalRef | None:
+        """The result's FHIR output in the EHR, by its business identifier (None for a
+        pipeline whose results have none)."""
+        output = IMAGING_FHIR_OUTPUTS.get(self.pipeline)
+        if output is None:
+            return None
+        resource_type, part = output
+        return LogicalRef(
+            resource_type,
+            RESULT_IDENTIFIER_SYSTEM,
+            f"{result_business_id(self.result_id, self.input_hash)}-{part}",
+            display=self.summary(),
+        )
+
     def as_json(self) -> dict[str, Any]:
+        reference = self.fhir_reference()
         return {
             "result_id": self.result_id,
             "pipeline": self.pipeline,
@@ -69,6 +102,7 @@ class ImagingFinding:
             "model": self.model,
             "demo_weights": self.demo_weights,
             "summary": self.summary(),
+            "fhir_reference": None if reference is None else reference.as_fhir(),
         }
 
 
@@ -118,6 +152,7 @@ def _imaging_findings(session: Session, ids: Sequence[int]) -> list[ImagingFindi
     return [
         ImagingFinding(
             result_id=result.id,
+            input_hash=result.input_hash,
             pipeline=result.pipeline,
             study_instance_uid=study_uid,
             finding=result.finding_meaning,

@@ -30,6 +30,11 @@ from worker.runtime import Runtime
 RESULT_IDENTIFIER_SYSTEM = "urn:carebridge:result"
 
 
+def result_business_id(result_id: int, input_hash: str) -> str:
+    """The stem of a result's business identifiers (``<stem>-<part>`` per resource)."""
+    return f"r{result_id}-{input_hash[:16]}"
+
+
 def result_context(
     result_id: int,
     input_hash: str,
@@ -43,7 +48,7 @@ def result_context(
     carebridge installations writing to one EHR do not collide on ``r1``.
     """
     return ResultContext(
-        result_id=f"r{result_id}-{input_hash[:16]}",
+        result_id=result_business_id(result_id, input_hash),
         subject=subject,
         provenance=provenance,
         when=created_at.replace(tzinfo=UTC),

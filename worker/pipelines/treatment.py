@@ -14,6 +14,7 @@ from worker.outputs.fhir import (
     RXNORM,
     Coding,
     Concept,
+    LogicalRef,
     ResourceRef,
     TreatmentProposal,
     treatment_careplan,
@@ -31,6 +32,25 @@ def _careplan_for_card(careplan: dict[str, Any], subject: str) -> dict[str, Any]
     Device's bundle-internal ``urn:uuid`` reference, and with the literal subject."""
     card = {key: value for key, value in careplan.items() if key != "author"}
     return card | {"subject": {"reference": subject}}
+
+
+def _imaging_references(items: list[dict[str, Any]]) -> list[LogicalRef]:
+    """The imaging results shown with the CarePlan, by the business identifiers of their
+    own FHIR outputs (a result kept before these were recorded has none)."""
+    references = []
+    for item in items:
+        reference = item.get("fhir_reference")
+        if reference:
+            identifier = reference["identifier"]
+            references.append(
+                LogicalRef(
+                    reference["type"],
+                    identifier["system"],
+                    identifier["value"],
+                    reference.get("display"),
+                )
+            )
+    return references
 
 
 def run_treatment_suggestion(runtime: Runtime, job: ClaimedJob) -> list[int]:
@@ -96,7 +116,10 @@ def run_treatment_suggestion(runtime: Runtime, job: ClaimedJob) -> list[int]:
     output = treatment_careplan(
         stored.context,
         proposals,
-        supporting_info=[ResourceRef(ref) for ref in basis],
+        supporting_info=[
+            *(ResourceRef(ref) for ref in basis),
+            *_imaging_references(stored.details.get("imaging", [])),
+        ],
         context_notes=[item["summary"] for item in stored.details.get("imaging", [])],
     )
     written = write_fhir_output(runtime, stored.id, [output])
