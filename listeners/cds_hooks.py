@@ -7,8 +7,13 @@ so the answer is fast and is the same finding the EHR received as a CarePlan pro
 - ``GET /cds-services``: discovery.
 - ``POST /cds-services/carebridge-treatment``: cards for ``context.patientId``. No stored
   suggestion: ``{"cards": []}``. A bad request: 400 with an OperationOutcome-like JSON body
-  (CDS Hooks defines no error format). When WEBHOOK_TOKEN is set the CDS client must send
-  it as a bearer token (401/403 otherwise), like the webhook.
+  (CDS Hooks defines no error format).
+
+Who may call (:func:`cds_hooks_access`): with ``CAREBRIDGE_CDS_HOOKS_JWKS`` set, CDS
+Clients authenticate as the specification says, with a signed JWT
+(:mod:`listeners.cds_auth`); else, with WEBHOOK_TOKEN set, with that bearer token, like the
+webhook; else only on a loopback bind is the service open. Otherwise every call is
+refused (401) with what to configure.
 
 Each card: summary (at most 140 characters), indicator ``info``, source (model name,
 version; AI-generated and unverified), detail (rationale and evidence in Markdown), and one
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -28,7 +34,9 @@ from starlette.concurrency import run_in_threadpool
 
 from db.engine import Database
 from db.schema import Patient, Result
+from listeners.cds_auth import CdsClientVerifier, load_jwks
 from listeners.fhir_auth import CredentialsRefused, check_bearer
+from worker.settings import Settings, is_loopback
 
 SERVICE_ID = "carebridge-treatment"
 TREATMENT_PIPELINE = "treatment-suggestion"
@@ -132,14 +140,48 @@ def latest_treatment_result(database: Database, patient_id: str) -> Result | Non
         return result
 
 
-def register_cds_hooks(app: FastAPI, database: Database, token: str | None) -> None:
+@dataclass(frozen=True)
+class CdsAccess:
+    """How CDS Clients are authenticated: by JWT (``verifier``), by the webhook's bearer
+    ``token``, not at all (``open``, a loopback bind only), or refused."""
+
+    verifier: CdsClientVerifier | None = None
+    token: str | None = None
+    open: bool = False
+
+
+def cds_hooks_access(settings: Settings, token: str | None) -> CdsAccess:
+    """The access rule the settings give. Raises ValueError for an unusable JWK Set."""
+    if settings.cds_hooks_jwks is not None:
+        return CdsAccess(
+            verifier=CdsClientVerifier(
+                load_jwks(settings.cds_hooks_jwks),
+                settings.cds_hooks_issuers,
+                settings.cds_hooks_audience,
+            )
+        )
+    if token is not None:
+        return CdsAccess(token=token)
+    return CdsAccess(open=is_loopback(settings.fhir_host))
+
+
+def register_cds_hooks(app: FastAPI, database: Database, access: CdsAccess) -> None:
     """Add the CDS Hooks discovery and service endpoints to ``app``."""
 
-    def authorise(request: Request) -> JSONResponse | None:
-        if token is None:
-            return None
+    def authorise(request: Request, service_id: str) -> JSONResponse | None:
+        authorization = request.headers.get("authorization")
         try:
-            check_bearer(token, request.headers.get("authorization"))
+            if access.verifier is not None:
+                base = str(request.base_url)
+                access.verifier.verify(authorization, access.verifier.service_url(base, service_id))
+            elif access.token is not None:
+                check_bearer(access.token, authorization)
+            elif not access.open:
+                return _error(
+                    401,
+                    "CDS Hooks callers are not authenticated on this address: set "
+                    "CAREBRIDGE_CDS_HOOKS_JWKS (CDS Client JWTs) or CAREBRIDGE_WEBHOOK_TOKEN",
+                )
         except CredentialsRefused as exc:
             return _error(exc.status, exc.diagnostics)
         return None
@@ -150,7 +192,7 @@ def register_cds_hooks(app: FastAPI, database: Database, token: str | None) -> N
 
     @app.post("/cds-services/{service_id}")
     async def service(service_id: str, request: Request) -> Response:
-        refused = authorise(request)
+        refused = authorise(request, service_id)
         if refused is not None:
             return refused
         if service_id != SERVICE_ID:

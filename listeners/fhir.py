@@ -56,7 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db.engine import Database
-from listeners.cds_hooks import register_cds_hooks
+from listeners.cds_hooks import cds_hooks_access, register_cds_hooks
 from listeners.fhir_auth import (
     MAX_WEBHOOK_ID_LENGTH,
     CredentialsRefused,
@@ -411,7 +411,8 @@ def create_app(
     clock: Callable[[], float] = time.time,
     committer: GroupCommitter | None = None,
 ) -> FastAPI:
-    """The webhook application. Raises ValueError for an unusable WEBHOOK_SECRET.
+    """The webhook application. Raises ValueError for an unusable WEBHOOK_SECRET or CDS
+    Hooks key set.
 
     ``committer`` (default: a GroupCommitter on ``database`` with its default bounds)
     records the requests; its threads and the publisher's are stopped at shutdown, after
@@ -453,7 +454,7 @@ def create_app(
     app.state.committer = committer
     app.state.publisher = publisher
     app.add_middleware(_CountRequests, metrics=metrics)
-    register_cds_hooks(app, database, intake.token)
+    register_cds_hooks(app, database, cds_hooks_access(settings, intake.token))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

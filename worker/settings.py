@@ -32,7 +32,8 @@ class SettingsError(RuntimeError):
     """The configuration is unusable; the message says what to set."""
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for a loopback host name or address (a bind that no other host can reach)."""
     if host in ("localhost", "localhost.localdomain"):
         return True
     try:
@@ -108,6 +109,19 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(
         None, description="Standard Webhooks HMAC secret for notifications."
     )
+    cds_hooks_jwks: Path | None = Field(
+        None,
+        description="JWK Set (JSON file) of the CDS Clients (EHRs) allowed to call the CDS "
+        "Hooks service; their JWTs are verified.",
+    )
+    cds_hooks_issuers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="CDS Hooks: the JWT 'iss' values trusted."
+    )
+    cds_hooks_audience: str | None = Field(
+        None,
+        description="CDS Hooks: this service's public base URL, as CDS Clients put it in 'aud' "
+        "(default: the URL the request was sent to).",
+    )
     ehr_base_url: str | None = Field(None, description="FHIR R4 base URL results are pushed to.")
     ehr_client_id: str | None = Field(None, description="SMART Backend Services client id.")
     ehr_token_url: str | None = Field(None, description="SMART token endpoint.")
@@ -146,7 +160,7 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A queued job or delivery not picked up after this is re-sent."
     )
 
-    @field_validator("dicom_allowed_aes", "pacs_destinations", mode="before")
+    @field_validator("dicom_allowed_aes", "pacs_destinations", "cds_hooks_issuers", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -167,7 +181,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fail_closed(self) -> Settings:
-        if not self.dicom_allowed_aes and not _is_loopback(self.dicom_host):
+        if not self.dicom_allowed_aes and not is_loopback(self.dicom_host):
             raise ValueError(
                 f"CAREBRIDGE_DICOM_HOST={self.dicom_host} is not a loopback address but "
                 "CAREBRIDGE_DICOM_ALLOWED_AES is empty: set CAREBRIDGE_DICOM_ALLOWED_AES to "
@@ -204,8 +218,18 @@ class Settings(BaseSettings):
             )
         if (all(smart.values()) or self.ehr_bearer_token) and not self.ehr_base_url:
             raise ValueError("EHR credentials are set but CAREBRIDGE_EHR_BASE_URL is not")
+        if self.cds_hooks_jwks is not None and not self.cds_hooks_issuers:
+            raise ValueError(
+                "CAREBRIDGE_CDS_HOOKS_JWKS is set but CAREBRIDGE_CDS_HOOKS_ISSUERS is empty: "
+                "name the CDS Clients (their JWT 'iss', comma-separated) allowed to call"
+            )
+        if self.cds_hooks_jwks is None and (self.cds_hooks_issuers or self.cds_hooks_audience):
+            raise ValueError(
+                "CDS Hooks JWT checks are half-configured: set CAREBRIDGE_CDS_HOOKS_JWKS (the "
+                "CDS Clients' public keys) too"
+            )
         if (
-            not _is_loopback(self.fhir_host)
+            not is_loopback(self.fhir_host)
             and self.webhook_token is None
             and self.webhook_secret is None
         ):
