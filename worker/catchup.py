@@ -34,6 +34,8 @@ BACKPORT_FILTER_CRITERIA = (
     "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria"
 )
 ACCEPTED_TYPES = ("DocumentReference", "Observation", "Condition", "Patient")
+#: Answers to ``$events`` that mean the server does not have it (the search is used).
+NO_OPERATION_STATUSES = frozenset({400, 404, 405, 501})
 # Clocks of the EHR and of carebridge differ: search a little before the last notification.
 CLOCK_MARGIN = timedelta(minutes=5)
 
@@ -97,7 +99,8 @@ def missed_resources(
         bundle = client.subscription_events(ident, missing_from, missing_to)
         return CatchUp("$events", _focus_resources(bundle), "backport $events operation")
     except FhirDeliveryError as exc:
-        if exc.transient:
+        # 501 Not Implemented and 405 say the operation is missing, not that it failed.
+        if exc.transient and exc.status_code not in NO_OPERATION_STATUSES:
             raise
         log.info("the EHR has no $events for this Subscription (%s); searching", exc.status_code)
     resource = client.read("Subscription", ident)
