@@ -4,8 +4,10 @@ to Orthanc and to dcmtk storescp (and a bare pynetdicom handler), on 1 and 4 ass
     .venv/bin/python bench/ingest.py [--instances 300] [--listeners 1]
 
 Prints instances/s and the ratios the project's targets are stated in. carebridge runs as
-`carebridge listen-dicom` with its defaults: every instance fsynced and its row committed
-(SQLite, synchronous=FULL) before the answer. Nothing here is a pass/fail test.
+`carebridge listen-dicom` with its defaults: every instance's file and directory entry
+fsynced and its row committed before the answer (SQLite WAL, synchronous=NORMAL: rows a
+power loss undoes are rebuilt from the files at the next start). Nothing here is a
+pass/fail test.
 """
 
 from __future__ import annotations
