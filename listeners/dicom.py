@@ -205,6 +205,27 @@ def scan_dataset(encoded: bytes | memoryview, *, implicit_vr: bool, little_endia
     return dataset
 
 
+_UID_TAGS = {keyword: BaseTag(tag_for_keyword(keyword) or 0) for keyword in UID_ATTRIBUTES}
+
+
+def uid_of(dataset: Dataset, keyword: str) -> str | None:
+    """A UID element of a scanned dataset as text (None when absent).
+
+    Read from the element's bytes as pydicom reads UI (ASCII, trailing NUL and spaces
+    stripped) without converting the element: pydicom's conversion and value checks
+    cost more than the rest of the bookkeeping of a C-STORE. Only ``is_valid_uid``
+    decides what the text is worth.
+    """
+    tag = _UID_TAGS[keyword]
+    if tag not in dataset:
+        return None
+    element = dataset.get_item(tag)
+    value = element.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").rstrip("\x00 ")
+    return None if value is None else str(value)
+
+
 def patient_key_of(dataset: Dataset) -> str | None:
     """The instance's Patient ID (LO, at most 64 characters), or None when it has none."""
     value = dataset.get("PatientID")
@@ -389,14 +410,13 @@ class StorageSCP:
                 implicit_vr=transfer_syntax.is_implicit_VR,
                 little_endian=transfer_syntax.is_little_endian,
             )
-            uids = {name: dataset.get(name) for name in UID_ATTRIBUTES}
+            uids = {name: uid_of(dataset, name) for name in UID_ATTRIBUTES}
             attributes = series_attributes(dataset)
             patient_key = patient_key_of(dataset)
         except Exception:  # undecodable bytes: never log the dataset
             self._count(event, "undecodable")
             log.warning("C-STORE refused: dataset cannot be decoded")
             return STATUS_CANNOT_UNDERSTAND
-        uids = {name: str(value) if value is not None else None for name, value in uids.items()}
         invalid = [name for name, value in uids.items() if not is_valid_uid(value)]
         if invalid:
             self._count(event, "invalid_uid")
@@ -616,7 +636,7 @@ def _recovered_instance(
             implicit_vr=transfer_syntax.is_implicit_VR,
             little_endian=transfer_syntax.is_little_endian,
         )
-        uids = {name: str(dataset.get(name, "")) for name in UID_ATTRIBUTES}
+        uids = {name: uid_of(dataset, name) or "" for name in UID_ATTRIBUTES}
         attributes = series_attributes(dataset)
         patient_key = patient_key_of(dataset)
     except Exception:  # partial or foreign file: never log its content
