@@ -298,10 +298,16 @@ def listen_fhir(
             + (f" ({processes} processes)" if processes > 1 else ""),
             flush=True,
         )
+    # A process of the group that stops on its own stops the group (exit status 1), for
+    # the service manager to restart it whole.
     while not stop.is_set() and thread.is_alive():
+        if any(proc.poll() is not None for proc in group):
+            log.error("a webhook process of the group stopped; stopping the group")
+            break
         stop.wait(0.5)
     for proc in group:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
     server.should_exit = True
     thread.join(30)
     for proc in group:

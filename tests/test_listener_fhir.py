@@ -1318,6 +1318,7 @@ class ListenFhir:
     url: str
     log_path: Path
     returncode: int | None = None
+    pid: int = 0
 
     def post(self, body: Any, **headers: str) -> requests.Response:
         return requests.post(
@@ -1352,6 +1353,7 @@ def listen_fhir(tmp_path: Path, *options: str) -> Iterator[ListenFhir]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    server.pid = proc.pid
     try:
         wait_for_port("127.0.0.1", port, timeout=60, proc=proc)
         deadline = time.monotonic() + 120
@@ -1476,3 +1478,22 @@ def test_listen_fhir_group_shares_its_port(tmp_path: Path) -> None:
     assert answered == [row.id for row in rows]
     assert all(row.status is FhirEventStatus.QUEUED and row.task_id for row in rows)
     assert len({row.task_id for row in rows}) == 60
+
+
+def test_listen_fhir_group_stops_when_one_process_dies(tmp_path: Path) -> None:
+    """A process of the group that dies takes the group down with exit status 1, so that
+    the service manager restarts it whole (never half a group on the port)."""
+    with listen_fhir(tmp_path, "--processes", "2") as server:
+        (child,) = [
+            int(pid)
+            for children in Path(f"/proc/{server.pid}/task").glob("*/children")
+            for pid in children.read_text().split()
+        ]
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{server.pid}").exists() and time.monotonic() < deadline:
+            if "Z" in Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]:
+                break  # exited, waiting to be reaped by the test
+            time.sleep(0.1)
+    assert server.returncode == 1, server.log_path.read_text()
+    assert "stopping the group" in server.log_path.read_text()
