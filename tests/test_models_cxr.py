@@ -40,17 +40,18 @@ def _cxr(label: str = "normal", seed: int = 0, **kwargs: object) -> Dataset:
 
 
 def _plain(pixels: np.ndarray, **attrs: object) -> Dataset:
-    """A minimal single-frame greyscale dataset holding ``pixels`` (uint16 or int16)."""
+    """A minimal single-frame greyscale dataset holding ``pixels`` (8- or 16-bit integers)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
+    bits = 8 if pixels.dtype.itemsize == 1 else 16
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     for key, value in attrs.items():
         setattr(ds, key, value)
@@ -215,6 +216,8 @@ def test_percentiles_from_a_histogram_equal_numpys() -> None:
         (np.uint16, {"RescaleSlope": -0.7, "RescaleIntercept": 100}),
         (np.int16, {"PhotometricInterpretation": "MONOCHROME1"}),
         (np.int16, {"RescaleSlope": 2, "RescaleIntercept": -1024}),
+        (np.uint8, {}),
+        (np.int8, {"PhotometricInterpretation": "MONOCHROME1"}),
     ],
 )
 def test_robust_window_by_levels_equals_pixel_by_pixel(
@@ -224,13 +227,118 @@ def test_robust_window_by_levels_equals_pixel_by_pixel(
     from pydicom.pixels import apply_modality_lut
 
     rng = np.random.default_rng(5)
-    low = 0 if dtype is np.uint16 else -1500
-    stored = rng.integers(low, 3000, size=(96, 80)).astype(dtype)
+    low, high = {np.uint16: (0, 3000), np.int16: (-1500, 3000), np.uint8: (0, 256)}.get(
+        dtype, (-128, 128)
+    )
+    stored = rng.integers(low, high, size=(96, 80)).astype(dtype)
     ds = _plain(stored, **attrs)
     expected = np.clip(robust_window(apply_modality_lut(stored, ds)), 0.0, 1.0)
     if attrs.get("PhotometricInterpretation") == "MONOCHROME1":
         expected = 1.0 - expected
     assert np.array_equal(image_from_dataset(ds), expected)
+
+
+def _voi_lut(first: int, entries: int, low: int, high: int) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [entries, first, 16]
+    item.LUTData = [int(v) for v in np.linspace(low, high, entries)]
+    return item
+
+
+@pytest.mark.parametrize(
+    ("dtype", "low", "high", "attrs"),
+    [
+        (np.uint16, 0, 4096, {"WindowCenter": 1000, "WindowWidth": 2000}),
+        (
+            np.uint16,
+            0,
+            4096,
+            {"WindowCenter": 1000, "WindowWidth": 2000, "VOILUTFunction": "LINEAR_EXACT"},
+        ),
+        (
+            np.int16,
+            -1500,
+            3000,
+            {"WindowCenter": 500, "WindowWidth": 700, "VOILUTFunction": "SIGMOID"},
+        ),
+        (
+            np.int16,
+            -1500,
+            3000,
+            {
+                "WindowCenter": [40, 400],
+                "WindowWidth": [80, 1500],
+                "RescaleSlope": 1,
+                "RescaleIntercept": -1024,
+            },
+        ),
+        (
+            np.uint16,
+            0,
+            65536,
+            {
+                "WindowCenter": 100.5,
+                "WindowWidth": 301,
+                "RescaleSlope": 0.37,
+                "RescaleIntercept": 12.5,
+                "PhotometricInterpretation": "MONOCHROME1",
+            },
+        ),
+        (np.uint8, 0, 256, {"WindowCenter": 10, "WindowWidth": 1}),
+        (np.uint16, 0, 1024, {"VOILUTSequence": [_voi_lut(256, 512, 1000, 3000)]}),
+        (np.int16, -100, 900, {"VOILUTSequence": [_voi_lut(0, 400, 7, 4000)], "RescaleSlope": 2.5}),
+        (np.uint16, 0, 4096, {}),
+    ],
+)
+def test_windowing_each_level_once_equals_windowing_each_pixel(
+    dtype: type[np.integer],
+    low: int,
+    high: int,
+    attrs: dict[str, object],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Integer pixels are windowed level by level and looked up; with the lookup off
+    # (no stored range is small enough) every pixel is windowed: the same values.
+    from models.cxr import preprocess
+
+    stored = np.random.default_rng(13).integers(low, high, size=(150, 110)).astype(dtype)
+    if "RescaleSlope" in attrs:
+        attrs = {"RescaleIntercept": 0, **attrs}
+    ds = _plain(stored, **attrs)
+    by_level = image_from_dataset(ds)
+    model_input = preprocess_dataset(ds, 64)
+    monkeypatch.setattr(preprocess, "_MAX_LUT_LEVELS", 0)
+    assert np.array_equal(by_level, image_from_dataset(ds))
+    assert np.array_equal(model_input, preprocess_dataset(ds, 64))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "low", "high", "shape", "attrs"),
+    [
+        (np.uint16, 0, 4096, (600, 500), {}),
+        # above 2**15, inverted
+        (np.uint16, 30000, 65536, (300, 700), {"PhotometricInterpretation": "MONOCHROME1"}),
+        (np.int16, -1500, 3000, (257, 1031), {"RescaleSlope": 2, "RescaleIntercept": -1024}),
+        (np.uint8, 0, 256, (90, 60), {}),  # enlarged
+        (np.int8, -100, 100, (1, 500), {"RescaleSlope": -0.7, "RescaleIntercept": 3}),
+        (np.uint16, 7, 8, (224, 224), {}),  # one level, no resize
+    ],
+)
+def test_preprocess_dataset_is_the_two_functions_bit_for_bit(
+    dtype: type[np.integer], low: int, high: int, shape: tuple[int, int], attrs: dict[str, object]
+) -> None:
+    # preprocess_dataset looks the window up band by band as it resizes (no full-size
+    # float image): the result must be exactly what training's two functions give.
+    stored = np.random.default_rng(11).integers(low, high, size=shape).astype(dtype)
+    ds = _plain(stored, **attrs)
+    for size in (224, 97):
+        expected = to_model_input(image_from_dataset(ds), size)
+        assert np.array_equal(preprocess_dataset(ds, size), expected)
+
+
+def test_preprocess_dataset_of_a_full_size_radiograph_is_bit_for_bit() -> None:
+    ds = _cxr("pneumonia", seed=3, shape=(2048, 1792))
+    assert np.array_equal(preprocess_dataset(ds), to_model_input(image_from_dataset(ds)))
 
 
 def test_a_study_is_preprocessed_in_order_in_parallel() -> None:
