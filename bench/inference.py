@@ -204,7 +204,7 @@ def liver_study(
     names = {
         "preprocess": "preprocess (resample, window)",
         "inference": "sliding window + softmax",
-        "postprocess": "postprocess (largest component)",
+        "postprocess": "largest component + holes (model grid)",
         "restore": "mask back to source grid",
         "measure": "volume + mean HU",
     }

@@ -129,6 +129,25 @@ def test_signed_pixel_data_gives_the_same_hu(tmp_path: Path, series: list[Path])
     assert np.array_equal(load_ct_series(_read(signed)).hu, load_ct_series(_read(series)).hu)
 
 
+def test_rescale_gives_pydicom_hu_for_any_slope_and_intercept(series: list[Path]) -> None:
+    # Integral slopes and intercepts are applied in float32, others through pydicom: the
+    # HU are pydicom's (float64 rescale, then float32) either way.
+    from pydicom.pixels import apply_modality_lut
+
+    datasets = _read(series)
+    for slope, intercept in ((1, -1024), (2, -2048), (1, 0), (0.5, -1024), (1, -1024.5), (300, 7)):
+        for ds in datasets:
+            ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        volume = load_ct_series(datasets)
+        expected = np.stack(
+            [
+                np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+                for ds in datasets
+            ]
+        )
+        assert np.array_equal(volume.hu, expected), (slope, intercept)
+
+
 def test_feet_first_orientation_sorts_along_the_normal(series: list[Path]) -> None:
     datasets = _read(series)
     for ds in datasets:
@@ -485,6 +504,111 @@ def test_largest_component_equals_labelling_and_hole_filling() -> None:
                 assert np.array_equal(preprocess.largest_component(binary), reference(binary))
         finally:
             setattr(preprocess, limit, saved)
+
+
+def _trilinear(prob: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        out = F.interpolate(
+            torch.from_numpy(prob)[None, None], size=shape, mode="trilinear", align_corners=False
+        )
+    return out[0, 0].numpy()
+
+
+def test_mask_on_the_source_grid_is_the_thresholded_trilinear_probability() -> None:
+    # Only the box the above-threshold model voxels reach is interpolated; the mask is
+    # still torch's trilinear interpolation thresholded at 0.5, in any orientation.
+    from scipy import ndimage
+
+    from models.segmentation.preprocess import (
+        ModelGeometry,
+        Reorientation,
+        probability_to_source,
+    )
+
+    rng = np.random.default_rng(5)
+    grids = [
+        ((23, 50, 40), (9, 12, 10), Reorientation((0, 1, 2), (False, False, False))),
+        ((7, 30, 33), (11, 8, 8), Reorientation((0, 1, 2), (True, False, True))),
+        ((40, 12, 16), (10, 12, 5), Reorientation((2, 0, 1), (False, True, False))),
+        ((12, 16, 16), (12, 16, 16), Reorientation((0, 1, 2), (False, False, False))),
+        ((12, 16, 16), (6, 20, 24), Reorientation((1, 2, 0), (True, True, False))),
+        ((1, 40, 40), (1, 9, 9), Reorientation((0, 1, 2), (False, False, False))),
+    ]
+    for source_shape, model_shape, reorientation in grids:
+        for corner in (False, True):
+            field = ndimage.gaussian_filter(rng.random(model_shape), 1.0)
+            prob = ((field - field.min()) / (np.ptp(field) + 1e-9)).astype(np.float32)
+            if corner:  # above the threshold only near one corner
+                prob[tuple(slice(n // 2, None) for n in model_shape)] *= 0.4
+                prob[tuple(slice(None, n // 2) for n in model_shape)] *= 0.4
+            geometry = ModelGeometry(source_shape, (1.0, 1.0, 1.0), model_shape, reorientation)
+            canonical = np.ascontiguousarray(reorientation.to_canonical(prob))
+            mask = probability_to_source(canonical, geometry)
+            reference = _trilinear(prob, source_shape)
+            assert mask.shape == source_shape and mask.dtype == np.uint8
+            clear = np.abs(reference - 0.5) > 1e-5  # not a rounding away from the threshold
+            assert np.array_equal(mask[clear], (reference >= 0.5)[clear])
+            assert 0 < int(mask.sum()) < mask.size
+
+
+def test_fragments_dropped_on_the_model_grid_do_not_come_back() -> None:
+    from scipy import ndimage
+
+    from models.segmentation.preprocess import (
+        ModelGeometry,
+        Reorientation,
+        clean_probability,
+        probability_to_source,
+    )
+
+    model = np.full((10, 16, 16), 0.2, dtype=np.float32)
+    model[2:8, 3:11, 3:11] = 0.9  # the liver ...
+    model[4:6, 6:8, 6:8] = 0.1  # ... with a hole
+    model[5, 14, 14] = 0.8  # a false positive two voxels away
+    geometry = ModelGeometry(
+        (25, 80, 80), (1.6, 0.8, 0.8), (10, 16, 16), Reorientation((0, 1, 2), (False,) * 3)
+    )
+    structure = ndimage.generate_binary_structure(3, 3)
+    raw = probability_to_source(model, geometry)
+    assert ndimage.label(raw, structure=structure)[1] == 2  # what cleaning is for
+    mask = probability_to_source(clean_probability(model), geometry)
+    assert ndimage.label(mask, structure=structure)[1] == 1
+    assert not mask[:, 60:, 60:].any()  # the false positive is gone
+    assert mask[11, 34:36, 34:36].all()  # the hole is filled
+    # Elsewhere the liver keeps its edges, but for the block's 8 corner voxels: their blend
+    # reaches diagonally past the 6-connected rim that clean_probability keeps.
+    changed = mask != raw
+    changed[:, 60:, 60:] = False
+    changed[7:18, 25:45, 25:45] = False
+    assert int(changed.sum()) == 8
+
+
+def test_resampling_averages_boxes_where_the_grid_coarsens() -> None:
+    # The box average runs in-plane, then across slices: the 3-D box average all the same.
+    import torch
+    import torch.nn.functional as F
+
+    from models.segmentation.preprocess import resample
+
+    rng = np.random.default_rng(3)
+    for shape, size in (
+        ((30, 64, 64), (11, 17, 20)),
+        ((30, 64, 64), (60, 32, 32)),
+        ((10, 40, 40), (5, 50, 40)),
+        ((9, 9, 9), (9, 9, 9)),
+    ):
+        hu = rng.normal(40.0, 300.0, shape).astype(np.float32)
+        shrunk = tuple(min(s, n) for s, n in zip(size, shape, strict=True))
+        with torch.inference_mode():
+            ref = F.interpolate(torch.from_numpy(hu)[None, None], size=shrunk, mode="area")
+            if shrunk != size:
+                ref = F.interpolate(ref, size=size, mode="trilinear", align_corners=False)
+        out = resample(hu, size)
+        assert out.shape == size and out.dtype == np.float32
+        np.testing.assert_allclose(out, ref[0, 0].numpy(), rtol=0, atol=1e-3)
 
 
 def test_dice_and_hd95_of_known_shapes() -> None:

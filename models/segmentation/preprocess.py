@@ -13,9 +13,14 @@ The model sees every volume the same way, whatever the scanner wrote:
 * **HU window** -- values are clipped to the card's window and scaled to [0, 1].
 
 Going back, the liver probability is cleaned in model space (largest connected component, holes
-filled), interpolated trilinearly to the source grid a few slices at a time (so a 600-slice
-series never needs a full-size float array), thresholded at 0.5 and cleaned again on the
-bounding box of the result. Training renders its labelled volumes through exactly these
+filled; elsewhere it is zeroed, except for the component's one-voxel rim that gives the
+interpolation its true edge), interpolated trilinearly to the source grid a few slices at a time
+(so a 600-slice series never needs a full-size float array) and thresholded at 0.5. Only the
+source voxels whose interpolation reaches a model voxel of the component are computed. The mask
+is not labelled again on the source grid: every voxel of it lies within one model voxel of the
+kept component, so the fragments dropped in model space cannot come back; thresholding the
+interpolation can leave a few specks detached from the surface within that margin (see
+:func:`probability_to_source`). Training renders its labelled volumes through exactly these
 functions.
 """
 
@@ -56,8 +61,8 @@ PREPROCESSING_SPEC: dict[str, Any] = {
     "postprocessing": [
         "liver probability >= 0.5",
         "largest 26-connected component, holes filled (model grid)",
-        "trilinear interpolation of the cleaned probability to the source grid, >= 0.5",
-        "largest connected component and hole filling again on the source grid",
+        "trilinear interpolation of the cleaned probability to the source grid, >= 0.5 "
+        "(not labelled again: the mask stays within one model voxel of the kept component)",
     ],
     "threshold": THRESHOLD,
 }
@@ -65,6 +70,7 @@ PREPROCESSING_SPEC: dict[str, Any] = {
 # Canonical axis c points along patient axis _TARGET[c] (0 = x/L, 1 = y/P, 2 = z/S).
 _TARGET = (2, 1, 0)
 _STRUCTURE_26 = ndimage.generate_binary_structure(3, 3)
+#: Source slices interpolated at once (32 x 512 x 512 float32: 32 MiB).
 _CHUNK_SLICES = 32
 #: Up to this many voxels (two int32 label arrays: 512 MiB) both labellings run at once.
 _CONCURRENT_LABEL_VOXELS = 64 * 1024 * 1024
@@ -179,13 +185,17 @@ def resample(arr: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
     Both steps treat voxels as cells covering the array's extent (``align_corners=False``), so
     the result spans the same physical box. The input is used without a copy when contiguous.
+    The box average is separable: it runs in-plane first (the slices as channels), then
+    across slices on the smaller array, which is faster than one 3-D pass.
     """
     src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
     target = tuple(int(s) for s in size)
     shrunk = tuple(min(t, n) for t, n in zip(target, src.shape[2:], strict=True))
     with torch.inference_mode():
         out = src
-        if shrunk != tuple(src.shape[2:]):
+        if shrunk[1:] != tuple(out.shape[3:]):
+            out = F.interpolate(out[0], size=shrunk[1:], mode="area")[None]
+        if shrunk != tuple(out.shape[2:]):
             out = F.interpolate(out, size=shrunk, mode="area")
         if target != tuple(out.shape[2:]):
             out = F.interpolate(out, size=target, mode="trilinear", align_corners=False)
@@ -316,6 +326,18 @@ def largest_component(binary: np.ndarray) -> np.ndarray:
     return keep
 
 
+def _dilate_6(binary: np.ndarray) -> np.ndarray:
+    """``binary`` grown by its 6-connected neighbours (as ``ndimage.binary_dilation``)."""
+    out = binary.copy()
+    for axis in range(binary.ndim):
+        lower = [slice(None)] * binary.ndim
+        upper = [slice(None)] * binary.ndim
+        lower[axis], upper[axis] = slice(None, -1), slice(1, None)
+        out[tuple(lower)] |= binary[tuple(upper)]
+        out[tuple(upper)] |= binary[tuple(lower)]
+    return out
+
+
 def clean_probability(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
     """Zero the probability outside the largest component (and its rim); holes become 1."""
     binary = prob >= threshold
@@ -323,23 +345,29 @@ def clean_probability(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndar
     if not keep.any():
         return np.zeros_like(prob)
     # Keep the rim so interpolation to the source grid sees the true edge of the component.
-    rim = ndimage.binary_dilation(keep)
+    rim = _dilate_6(keep)
     out = np.where(rim, prob, np.float32(0.0)).astype(np.float32)
     out[keep & ~binary] = 1.0
     return out
 
 
-def _postprocess_source(mask: np.ndarray) -> None:
-    """Largest component and hole filling on the bounding box of ``mask`` (in place)."""
-    nonzero = [np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
-    if any(len(n) == 0 for n in nonzero):
-        return
-    box = tuple(
-        slice(max(0, int(n[0]) - 1), min(size, int(n[-1]) + 2))
-        for n, size in zip(nonzero, mask.shape, strict=True)
-    )
-    crop = mask[box]
-    crop[...] = largest_component(crop != 0)
+def _linear_stencil(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation of ``n`` source positions from an axis of ``m`` model voxels.
+
+    For each position: the two model voxels it is interpolated between and the weight of
+    the second (``align_corners=False``, as :func:`resample`; positions beyond the outer
+    voxel centres take the outer voxel).
+    """
+    pos = np.maximum((np.arange(n) + 0.5) * (m / n) - 0.5, 0.0)
+    lo = np.minimum(np.floor(pos).astype(np.int64), m - 1)
+    hi = np.minimum(lo + 1, m - 1)
+    return lo, hi, (pos - lo).astype(np.float32)
+
+
+def _reaching(lo: np.ndarray, hi: np.ndarray, first: int, last: int) -> tuple[int, int]:
+    """The source positions (start, stop) whose stencil touches model voxels first..last."""
+    touches = np.flatnonzero((hi >= first) & (lo <= last))
+    return int(touches[0]), int(touches[-1]) + 1
 
 
 def probability_to_source(
@@ -347,32 +375,55 @@ def probability_to_source(
 ) -> np.ndarray:
     """A canonical model-grid probability as a uint8 mask on the source grid (source order).
 
-    Trilinear interpolation (``align_corners=False``, as :func:`resample`) is done as linear
-    interpolation between model slices followed by bilinear in-plane upsampling, a few source
-    slices at a time.
+    Trilinear interpolation (``align_corners=False``, as :func:`resample`) thresholded at
+    ``threshold``, done as linear interpolation between model slices and rows followed by
+    linear interpolation along the row, a few source slices at a time. Only the source box
+    whose interpolation reaches a model voxel at or above the threshold is computed: outside
+    it every interpolated value is a blend of values below the threshold.
+
+    The mask is not labelled again here. With ``prob`` from :func:`clean_probability` (zero
+    beyond the rim of the kept component, holes filled) every voxel of the mask is a blend
+    including a voxel of the kept component, so it lies within one model voxel of it and
+    nothing dropped in model space comes back. Where the component is thin, or joined only
+    across an edge or a corner, the threshold can leave specks within that margin detached
+    from the rest: none on three phantoms with a demo model of held-out Dice 0.9, 0.3-0.6%
+    of the voxels of the speckled masks of a quick (8-epoch, Dice 0.25) demo model.
     """
     if tuple(prob.shape) != geometry.canonical_shape:
         raise ValueError(f"probability shape {prob.shape} != model grid {geometry.canonical_shape}")
     src_prob = np.ascontiguousarray(geometry.reorientation.from_canonical(prob), dtype=np.float32)
+    out = np.zeros(geometry.source_shape, dtype=np.uint8)
+    above = src_prob >= threshold
+    extents = [np.flatnonzero(above.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    if any(extent.size == 0 for extent in extents):
+        return out
     nz, ny, nx = geometry.source_shape
-    mz = src_prob.shape[0]
-    out = np.zeros((nz, ny, nx), dtype=np.uint8)
+    _, my, mx = src_prob.shape
+    z_lo, z_hi, z_frac = _linear_stencil(nz, src_prob.shape[0])
+    y_lo, y_hi, y_frac = _linear_stencil(ny, my)
+    x_lo, x_hi, _ = _linear_stencil(nx, mx)
+    z0, z1 = _reaching(z_lo, z_hi, int(extents[0][0]), int(extents[0][-1]))
+    y0, y1 = _reaching(y_lo, y_hi, int(extents[1][0]), int(extents[1][-1]))
+    x0, x1 = _reaching(x_lo, x_hi, int(extents[2][0]), int(extents[2][-1]))
     # The threshold is written straight into ``out`` (0/1 bytes, seen as bool by torch).
     out_bool = torch.from_numpy(out.view(np.bool_))
-    model = torch.from_numpy(src_prob)
-    scale = mz / nz
+    rows_lo, rows_hi, rows_frac = y_lo[y0:y1], y_hi[y0:y1], y_frac[y0:y1, None]
     with torch.inference_mode():
-        for start in range(0, nz, _CHUNK_SLICES):
-            k = np.arange(start, min(nz, start + _CHUNK_SLICES))
-            pos = np.maximum((k + 0.5) * scale - 0.5, 0.0)
-            lo = np.minimum(np.floor(pos).astype(np.int64), mz - 1)
-            hi = np.minimum(lo + 1, mz - 1)
-            frac = torch.from_numpy((pos - lo).astype(np.float32))[:, None, None]
-            blended = model[lo] * (1.0 - frac) + model[hi] * frac
-            if (ny, nx) != tuple(blended.shape[1:]):
+        for start in range(z0, z1, _CHUNK_SLICES):
+            stop = min(z1, start + _CHUNK_SLICES)
+            # Between slices and rows on the small model-grid planes in numpy, so that a
+            # chunk takes two torch operations: on a busy machine each parallel one can wait
+            # a time slice for its second thread.
+            frac = z_frac[start:stop, None, None]
+            planes = src_prob[z_lo[start:stop]] * (1.0 - frac)
+            planes += src_prob[z_hi[start:stop]] * frac
+            rows = planes[:, rows_lo] * (1.0 - rows_frac)
+            rows += planes[:, rows_hi] * rows_frac
+            blended = torch.from_numpy(rows)
+            if mx != nx:
+                # Whole rows: torch's own linear interpolation maps them as resample does.
                 blended = F.interpolate(
-                    blended[None], size=(ny, nx), mode="bilinear", align_corners=False
-                )[0]
-            torch.ge(blended, threshold, out=out_bool[start : start + len(k)])
-    _postprocess_source(out)
+                    blended.reshape(1, -1, mx), size=nx, mode="linear", align_corners=False
+                ).reshape(stop - start, y1 - y0, nx)
+            torch.ge(blended[:, :, x0:x1], threshold, out=out_bool[start:stop, y0:y1, x0:x1])
     return out

@@ -358,6 +358,7 @@ def sort_datasets(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
 
 
 def _decode(ds: pydicom.Dataset, index: int) -> np.ndarray:
+    """The stored values of one slice (2-D), as pydicom decodes them."""
     tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         if tsuid is None:
@@ -377,7 +378,44 @@ def _decode(ds: pydicom.Dataset, index: int) -> np.ndarray:
         raise SeriesGeometryError(
             "pixel_data", f"slice {index} decodes to shape {stored.shape}, expected 2-D"
         )
-    return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    return stored
+
+
+def _integral_rescale(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """Rescale Slope and Intercept when float32 arithmetic gives pydicom's HU exactly.
+
+    That is when no Modality LUT Sequence is present and both are integers small enough
+    that every stored value (at most 16 bits) times the slope plus the intercept stays
+    below 2**24: then each step is exact in float32, as it is in the float64 of
+    :func:`~pydicom.pixels.apply_modality_lut`. ``None`` otherwise.
+    """
+    if ds.get("ModalityLUTSequence") or "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
+        return None
+    try:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    except (TypeError, ValueError):
+        return None
+    if not (slope.is_integer() and intercept.is_integer()):
+        return None
+    if abs(slope) > 2**7 or abs(intercept) > 2**23:
+        return None
+    return slope, intercept
+
+
+def _to_hu(stored: np.ndarray, ds: pydicom.Dataset, out: np.ndarray) -> None:
+    """Write the HU (float32) of one slice's stored values into ``out``.
+
+    The common CT case (integral Rescale Slope and Intercept) is computed in float32 in
+    place, which gives the same values as pydicom's float64 rescale without its
+    temporary arrays; anything else goes through :func:`apply_modality_lut`.
+    """
+    rescale = _integral_rescale(ds) if stored.itemsize <= 2 else None
+    if rescale is None:
+        out[...] = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+        return
+    slope, intercept = rescale
+    np.multiply(stored, np.float32(slope), out=out, dtype=np.float32)
+    out += np.float32(intercept)
 
 
 def load_ct_series(datasets: Sequence[pydicom.Dataset]) -> CtVolume:
@@ -415,13 +453,13 @@ def load_ct_series(datasets: Sequence[pydicom.Dataset]) -> CtVolume:
 
     hu = np.empty((len(ordered), rows, cols), dtype=np.float32)
     for k, ds in enumerate(ordered):
-        pixels = _decode(ds, int(order[k]))
-        if pixels.shape != (rows, cols):
+        stored = _decode(ds, int(order[k]))
+        if stored.shape != (rows, cols):
             raise SeriesGeometryError(
                 "inconsistent_size",
-                f"slice {int(order[k])} decodes to {pixels.shape}, expected {(rows, cols)}",
+                f"slice {int(order[k])} decodes to {stored.shape}, expected {(rows, cols)}",
             )
-        hu[k] = pixels
+        _to_hu(stored, ds, hu[k])
     return CtVolume(
         hu=hu,
         spacing=(dz, dy, dx),
