@@ -343,6 +343,16 @@ class FhirSubscriptionState(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class CdsHooksToken(Base):
+    """A CDS Client JWT already accepted (its issuer and jti, hashed), kept until it
+    expires so that a replay is refused by every webhook process."""
+
+    __tablename__ = "cds_hooks_tokens"
+
+    token_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
 class AuditEvent(Base):
     """Append-only audit trail; each row carries the hash of the previous one."""
 

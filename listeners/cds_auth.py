@@ -10,7 +10,8 @@ named in the token), and checks the claims the specification requires:
 - ``aud``: the service's own URL (``<base>/cds-services/<id>``, where ``<base>`` is
   ``CAREBRIDGE_CDS_HOOKS_AUDIENCE`` or else the URL the request was sent to);
 - ``exp`` at most five minutes ahead, ``iat``, and a ``jti`` never seen before (replays
-  are refused until the token expires; each webhook process keeps its own record).
+  are refused until the token expires: by the database when the webhook gives a
+  ``remember`` function, which every process of a group shares; else in memory).
 
 Missing credentials are a 401, wrong ones a 403, as for the webhook. The token and the
 keys are never logged or echoed.
@@ -78,7 +79,10 @@ class CdsClientVerifier:
         audience_base: str | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        remember: Callable[[str, str, float], bool] | None = None,
     ) -> None:
+        """``remember(issuer, jti, exp)`` records a token and returns False when it was
+        already used (default: a record in this process's memory)."""
         if not issuers:
             raise ValueError(
                 "CAREBRIDGE_CDS_HOOKS_JWKS is set but CAREBRIDGE_CDS_HOOKS_ISSUERS is empty: "
@@ -91,6 +95,7 @@ class CdsClientVerifier:
         self.issuers = list(issuers)
         self.audience_base = audience_base.rstrip("/") if audience_base else None
         self._clock = clock
+        self._remember_elsewhere = remember
         self._seen: dict[str, float] = {}  # "iss jti" -> exp
         self._lock = threading.Lock()
 
@@ -147,7 +152,12 @@ class CdsClientVerifier:
         expires = float(claims["exp"])
         if expires > now + MAX_LIFETIME_S + LEEWAY_S:
             raise CredentialsRefused(403, "lifetime", "the JWT's exp is more than 5 minutes ahead")
-        self._remember(f"{claims['iss']} {claims['jti']}", expires, now)
+        if self._remember_elsewhere is not None:
+            fresh = self._remember_elsewhere(str(claims["iss"]), str(claims["jti"]), expires)
+            if not fresh:
+                raise CredentialsRefused(403, "replay", "this JWT (its jti) was already used")
+        else:
+            self._remember(f"{claims['iss']} {claims['jti']}", expires, now)
         return claims
 
     def _key_for(self, kid: object, algorithm: str) -> Any:

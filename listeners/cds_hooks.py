@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
+from db.cds_tokens import remember_token, token_key
 from db.engine import Database
 from db.schema import Patient, Result
 from listeners.cds_auth import CdsClientVerifier, load_jwks
@@ -150,14 +154,34 @@ class CdsAccess:
     open: bool = False
 
 
-def cds_hooks_access(settings: Settings, token: str | None) -> CdsAccess:
-    """The access rule the settings give. Raises ValueError for an unusable JWK Set."""
+def _token_register(database: Database) -> Callable[[str, str, float], bool]:
+    """Record accepted CDS Client JWTs in the database: a replay is refused by every
+    process of a webhook group, and after a restart."""
+
+    def remember(issuer: str, jti: str, expires: float) -> bool:
+        now = datetime.now(UTC).replace(tzinfo=None)
+        until = datetime.fromtimestamp(expires, UTC).replace(tzinfo=None)
+        try:
+            with database.writer_turn(), database.session() as session:
+                return remember_token(session, token_key(issuer, jti), until, now)
+        except IntegrityError:  # another process recorded the same token meanwhile
+            return False
+
+    return remember
+
+
+def cds_hooks_access(
+    settings: Settings, token: str | None, database: Database | None = None
+) -> CdsAccess:
+    """The access rule the settings give (JWTs recorded in ``database`` when given).
+    Raises ValueError for an unusable JWK Set."""
     if settings.cds_hooks_jwks is not None:
         return CdsAccess(
             verifier=CdsClientVerifier(
                 load_jwks(settings.cds_hooks_jwks),
                 settings.cds_hooks_issuers,
                 settings.cds_hooks_audience,
+                remember=None if database is None else _token_register(database),
             )
         )
     if token is not None:
@@ -192,7 +216,8 @@ def register_cds_hooks(app: FastAPI, database: Database, access: CdsAccess) -> N
 
     @app.post("/cds-services/{service_id}")
     async def service(service_id: str, request: Request) -> Response:
-        refused = authorise(request, service_id)
+        # In a thread: a JWT's jti is recorded in the database.
+        refused = await run_in_threadpool(authorise, request, service_id)
         if refused is not None:
             return refused
         if service_id != SERVICE_ID:

@@ -454,7 +454,7 @@ def create_app(
     app.state.committer = committer
     app.state.publisher = publisher
     app.add_middleware(_CountRequests, metrics=metrics)
-    register_cds_hooks(app, database, cds_hooks_access(settings, intake.token))
+    register_cds_hooks(app, database, cds_hooks_access(settings, intake.token, database))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

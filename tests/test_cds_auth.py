@@ -17,9 +17,12 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
+from db.cds_tokens import token_key
 from db.engine import Database
 from db.migrate import upgrade
+from db.schema import CdsHooksToken
 from listeners.cds_auth import CdsClientVerifier, load_jwks
 from listeners.fhir import create_app
 from listeners.fhir_auth import CredentialsRefused
@@ -243,6 +246,21 @@ def test_the_cds_service_takes_the_ehrs_jwt(database: Database, tmp_path: Path, 
         assert refusal.json()["resourceType"] == "OperationOutcome"
         assert "webhook-token" not in refusal.text
         assert client.get("/cds-services").status_code == 200  # discovery stays open
+        # Another webhook process (an app of its own on the same database) refuses the
+        # token the first one accepted: the record is in the database, as a digest.
+        jti = jwt.decode(signed["Authorization"][7:], options={"verify_signature": False})["jti"]
+        with service(
+            database,
+            tmp_path,
+            cds_hooks_jwks=jwks,
+            cds_hooks_issuers=[ISSUER],
+        ) as other_process:
+            replay = other_process.post(url, json=CALL, headers=signed)
+            assert replay.status_code == 403 and "already used" in replay.text
+        with database.session() as session:
+            keys_on_file = list(session.execute(select(CdsHooksToken.token_key)).scalars())
+        assert token_key(ISSUER, jti) in keys_on_file
+        assert not any(jti in key for key in keys_on_file)
     # Behind a proxy: the public URL the EHR signs for is configured.
     with service(
         database,
