@@ -402,3 +402,28 @@ def test_single_component_patient_name_is_not_logged(
     assert str(back.PatientName) == name  # the SR still names the patient
     assert not [w for w in recwarn if name in str(w.message)]
     assert name not in caplog.text
+
+
+def test_the_sources_acquisition_equipment_keeps_its_own_time(tmp_path: Path) -> None:
+    """Pinning highdicom's "now" stamps for identical rebuilds leaves the source's
+    acquisition equipment at the source's acquisition time, not the AI's."""
+    source = make_cr_dataset(seed=3)
+    source.Manufacturer = "Acme Radiography"
+    source.AcquisitionDateTime = "20230405061500"
+    back = write_and_read_back(_build([source]), tmp_path / "sr.dcm")
+    by_purpose = {
+        item.PurposeOfReferenceCodeSequence[0].CodeValue: item
+        for item in back.ContributingEquipmentSequence
+    }
+    acquisition = by_purpose["109101"]
+    assert acquisition.Manufacturer == "Acme Radiography"
+    assert str(acquisition.ContributionDateTime).startswith("20230405061500")
+    processing = [
+        item
+        for code, item in by_purpose.items()
+        if code != "109101" and "ContributionDateTime" in item
+    ]
+    assert processing and all(
+        str(item.ContributionDateTime) != str(acquisition.ContributionDateTime)
+        for item in processing
+    )

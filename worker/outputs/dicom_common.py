@@ -213,11 +213,22 @@ def sr_algorithm_identification(provenance: ModelProvenance) -> hd.sr.AlgorithmI
     )
 
 
+#: Purpose of Reference of the sources' acquisition equipment (its time is the source's).
+_ACQUISITION_EQUIPMENT = "109101"
+
+
 def pin_creation_time(ds: Dataset, equipment: hd.ContributingEquipment) -> None:
-    """Replace highdicom's "now" stamps by the content time so a rebuild is identical."""
+    """Replace highdicom's "now" stamps by the content time so a rebuild is identical.
+
+    The sources' acquisition equipment keeps its own contribution time (the source's
+    acquisition date and time, as highdicom copies it).
+    """
     ds.InstanceCreationDate = ds.ContentDate
     ds.InstanceCreationTime = ds.ContentTime
     for item in ds.get("ContributingEquipmentSequence", []):
+        purposes = item.get("PurposeOfReferenceCodeSequence") or []
+        if any(code.get("CodeValue") == _ACQUISITION_EQUIPMENT for code in purposes):
+            continue
         if "ContributionDateTime" in item:
             item.ContributionDateTime = equipment.ContributionDateTime
 
