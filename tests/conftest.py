@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,10 +11,30 @@ from pathlib import Path
 
 import pytest
 
+from db.engine import Database
+from db.migrate import upgrade
 from tests.harness import Carebridge
 from tests.peers import OrthancPeer
 
 os.environ.setdefault("TCP_NODELAY", "1")
+
+
+@pytest.fixture(scope="session")
+def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SQLite database migrated to head once per session, for tests to copy."""
+    path = tmp_path_factory.mktemp("template") / "carebridge.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def database(tmp_path: Path, migrated_template: Path) -> Iterator[Database]:
+    """A migrated SQLite database of this test's own (a copy of a migrated template)."""
+    path = tmp_path / "carebridge.db"
+    shutil.copy(migrated_template, path)
+    database = Database(f"sqlite:///{path}")
+    yield database
+    database.dispose()
 
 
 @pytest.fixture(scope="session")

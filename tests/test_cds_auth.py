@@ -6,10 +6,8 @@ import base64
 import hashlib
 import hmac
 import json
-import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ from sqlalchemy import select
 
 from db.cds_tokens import token_key
 from db.engine import Database
-from db.migrate import upgrade
 from db.schema import CdsHooksToken
 from listeners.cds_auth import CdsClientVerifier, load_jwks
 from listeners.fhir import create_app
@@ -187,22 +184,6 @@ def test_settings_refuse_half_configured_jwt_checks(
 
 
 # The service on the webhook's app ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("template") / "carebridge.db"
-    upgrade(f"sqlite:///{path}")
-    return path
-
-
-@pytest.fixture
-def database(tmp_path: Path, migrated: Path) -> Iterator[Database]:
-    path = tmp_path / "carebridge.db"
-    shutil.copy(migrated, path)
-    db = Database(f"sqlite:///{path}")
-    yield db
-    db.dispose()
 
 
 class NoBroker:

@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -121,23 +120,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("CAREBRIDGE_"):
             monkeypatch.delenv(key)
-
-
-@pytest.fixture(scope="module")
-def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("template") / "carebridge.db"
-    upgrade(f"sqlite:///{path}")
-    return path
-
-
-@pytest.fixture
-def database(tmp_path: Path, migrated_template: Path) -> Iterator[Database]:
-    """A migrated SQLite database of this test's own (a copy of a migrated template)."""
-    path = tmp_path / "carebridge.db"
-    shutil.copy(migrated_template, path)
-    database = Database(f"sqlite:///{path}")
-    yield database
-    database.dispose()
 
 
 @pytest.fixture
