@@ -153,7 +153,13 @@ def main() -> None:
                 "WARNING",
             )
             wait_for_port("127.0.0.1", deployment.dicom_port, proc=proc)
-            time.sleep(1.0 if processes > 1 else 0)  # let the extra processes bind
+            log = deployment.log_paths["listener"]
+            deadline = time.monotonic() + 120
+            # "ready" once every process of the group serves.
+            while "listen-dicom: ready" not in log.read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the listener did not get ready: see {log}")
+                time.sleep(0.1)
             return deployment, proc.pid
 
         rates: dict[tuple[str, int], float] = {}

@@ -113,6 +113,14 @@ def listen_dicom(
         bool,
         typer.Option(help="First record archive files whose row a power loss undid."),
     ] = True,
+    listen_fd: Annotated[
+        int | None,
+        typer.Option(hidden=True, help="Internal: the listening socket of a group."),
+    ] = None,
+    ready_fd: Annotated[
+        int | None,
+        typer.Option(hidden=True, help="Internal: a process of a group reports ready here."),
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the DICOM SCP (C-ECHO, C-STORE) and, by default, the sweeper."""
@@ -120,7 +128,7 @@ def listen_dicom(
     settings = _settings()
     database = _database(settings)
     from db.engine import Database
-    from listeners.dicom import StorageSCP
+    from listeners.dicom import StorageSCP, shared_listening_socket
 
     rules = clinical_rules = None
     if sweeper:  # the rules are read before anything listens: a bad file stops the start
@@ -139,24 +147,41 @@ def listen_dicom(
     scp = StorageSCP(settings, Database(settings.database_url, durable_commits=False))
     if recover:
         scp.index_unrecorded()
-    server = scp.start()
+    shared = None
+    if listen_fd is not None:  # a process of a group: the group's socket
+        shared = socket.socket(fileno=listen_fd)
+    elif processes > 1:
+        try:
+            shared = shared_listening_socket(settings.dicom_host, settings.dicom_port)
+        except OSError as exc:
+            err.print(
+                f"[red]carebridge listen-dicom: cannot listen on "
+                f"{settings.dicom_host}:{settings.dicom_port}: {exc.strerror}[/red]"
+            )
+            raise typer.Exit(1) from None
+    server = scp.start(shared)
     stop = _wait_for_signal()
-    # Extra processes bind the same port (SO_REUSEPORT); only this one sweeps.
-    helpers = [
-        subprocess.Popen(
+    _report_ready(ready_fd)
+    # The other processes of the group take connections from the same listening socket
+    # (inherited); only this one sweeps.
+    helpers: list[subprocess.Popen[bytes]] = []
+    if shared is not None and listen_fd is None:
+        helpers = _start_group(
             [
-                sys.executable,
-                "-m",
-                "listeners.cli",
                 "listen-dicom",
                 "--no-sweeper",
                 "--no-recover",  # done above, before they start
+                "--listen-fd",
+                str(shared.fileno()),
                 "--log-level",
                 log_level,
-            ]
+            ],
+            processes - 1,
+            pass_fds=(shared.fileno(),),
         )
-        for _ in range(processes - 1)
-    ]
+        if any(helper.poll() is not None for helper in helpers):
+            err.print("[red]carebridge listen-dicom: a listener process did not start[/red]")
+            stop.set()
     sweeper_thread = None
     if sweeper:
         from worker.celery_app import make_celery
@@ -169,15 +194,33 @@ def listen_dicom(
         )
         sweeper_thread = threading.Thread(target=sweep.run, args=(stop,), name="sweeper")
         sweeper_thread.start()
-    print("carebridge listen-dicom: ready", flush=True)
-    stop.wait()
+    failed = stop.is_set()
+    if not failed:
+        print(
+            "carebridge listen-dicom: ready" + (f" ({processes} processes)" if helpers else ""),
+            flush=True,
+        )
+    # The group shares one listening socket: a process that stops loses no connection
+    # (the others take them), so it is reported, not fatal.
+    reported: set[int] = set()
+    while not stop.wait(0.5):
+        for helper in helpers:
+            if helper.poll() is not None and helper.pid not in reported:
+                reported.add(helper.pid)
+                log.error("a listener process of the group stopped (%s)", helper.returncode)
     for helper in helpers:
-        helper.terminate()
+        if helper.poll() is None:
+            helper.terminate()
     server.shutdown()
     for helper in helpers:
-        helper.wait(30)
+        try:
+            helper.wait(30)
+        except subprocess.TimeoutExpired:
+            helper.kill()
     if sweeper_thread is not None:
         sweeper_thread.join(10)
+    if failed:
+        raise typer.Exit(1)
 
 
 #: Where the webhook processes of one ``listen-fhir --processes N`` keep their counters
@@ -283,12 +326,12 @@ def listen_fhir(
     if not thread.is_alive():
         err.print("[red]carebridge listen-fhir: the webhook did not start[/red]")
         raise typer.Exit(1)
-    if member:
-        assert ready_fd is not None
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, b"r")
-            os.close(ready_fd)
-    group = _start_fhir_group(processes - 1, log_level) if processes > 1 else []
+    _report_ready(ready_fd)
+    group = (
+        _start_group(["listen-fhir", "--log-level", log_level], processes - 1)
+        if processes > 1
+        else []
+    )
     if any(proc.poll() is not None for proc in group):
         err.print("[red]carebridge listen-fhir: a webhook process did not start[/red]")
         stop.set()
@@ -320,28 +363,21 @@ def listen_fhir(
         raise typer.Exit(1)  # the server or one of its group stopped on its own
 
 
-#: How long the other processes of a ``listen-fhir`` group may take to start.
+#: How long the other processes of a listener group may take to start.
 GROUP_START_S = 120.0
 
 
-def _start_fhir_group(count: int, log_level: str) -> list[subprocess.Popen[bytes]]:
-    """Start ``count`` more webhook processes on the same port; return once each is
-    serving, or has exited (its returncode is then set)."""
+def _start_group(
+    command: list[str], count: int, pass_fds: tuple[int, ...] = ()
+) -> list[subprocess.Popen[bytes]]:
+    """Start ``count`` processes of ``carebridge <command> --ready-fd N``, one after the
+    other; return once each serves, or has exited (its returncode is then set)."""
     group = []
     for _ in range(count):
         read_end, write_end = os.pipe()
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "listeners.cli",
-                "listen-fhir",
-                "--ready-fd",
-                str(write_end),
-                "--log-level",
-                log_level,
-            ],
-            pass_fds=(write_end,),
+            [sys.executable, "-m", "listeners.cli", *command, "--ready-fd", str(write_end)],
+            pass_fds=(*pass_fds, write_end),
         )
         os.close(write_end)
         group.append(proc)
@@ -354,6 +390,14 @@ def _start_fhir_group(count: int, log_level: str) -> list[subprocess.Popen[bytes
         finally:
             os.close(read_end)
     return group
+
+
+def _report_ready(ready_fd: int | None) -> None:
+    """Tell the group's first process that this one serves."""
+    if ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b"r")
+            os.close(ready_fd)
 
 
 @app.command()

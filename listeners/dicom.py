@@ -17,6 +17,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -587,18 +588,21 @@ class StorageSCP:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
-    def start(self) -> Any:
+    def start(self, shared: socket.socket | None = None) -> Any:
         """Start serving in background threads; returns the pynetdicom server.
 
-        The port is bound with SO_REUSEPORT, so several listener processes can share it
-        (``carebridge listen-dicom --processes N``) and the kernel spreads associations.
+        The port is bound with SO_REUSEPORT, so several listeners can share it. The
+        processes of one ``carebridge listen-dicom --processes N`` share one listening
+        socket instead (``shared``, see :func:`shared_listening_socket`): each connection
+        goes to the process serving the fewest associations.
         """
         ensure_directory(self.archive_dir)
+        server_class = type("ListenerServer", (_ReusePortServer,), {"shared": shared})
         server = self.ae.make_server(
             (self.settings.dicom_host, self.settings.dicom_port),
             evt_handlers=self.handlers(),
             ssl_context=self.tls_context(),
-            server_class=_ReusePortServer,
+            server_class=server_class,
             request_handler=EventDrivenRequestHandler,
         )
         self.ae._servers.append(server)  # as start_server does; shutdown() removes it
@@ -665,11 +669,65 @@ def _recovered_instance(
     )
 
 
+#: How long a listener process of a group waits, per association it is already serving,
+#: before it takes a new connection from the shared socket (at most ACCEPT_YIELD_MAX_S).
+ACCEPT_YIELD_S = 0.005
+ACCEPT_YIELD_MAX_S = 0.05
+
+
 class _ReusePortServer(ThreadedAssociationServer):
+    """The SCP's server socket: bound with SO_REUSEPORT (several ``listen-dicom`` commands
+    may share a port), or, in a group of listener processes, the group's one listening
+    socket (``shared``), from which the least busy process takes each connection."""
+
+    shared: socket.socket | None = None
+    _accepted: list[socket.socket] = []  # the class default is replaced, never mutated
+
     def server_bind(self) -> None:
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self.shared is None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self.shared
+        # Non-blocking: the processes race for each connection, and the ones that lose
+        # find nothing to accept and go back to waiting.
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.shared is None:
+            super().server_activate()  # a shared socket listens already
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        if self.shared is None:
+            return super().get_request()
+        # Every process of the group is woken by a new connection: the one serving the
+        # fewest connections takes it first, so a few long associations (one study each,
+        # say) spread over the processes instead of piling up on one. Counted from the
+        # accepted sockets still open (an association closes its socket when it ends).
+        accepted = [sock for sock in self._accepted if sock.fileno() != -1]
+        if accepted:
+            time.sleep(min(len(accepted) * ACCEPT_YIELD_S, ACCEPT_YIELD_MAX_S))
+        request = super().get_request()
+        accepted.append(request[0])
+        self._accepted = accepted
+        return request
+
+
+def shared_listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """A bound, listening socket for a group of listener processes to share (inherited)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def quiet_pynetdicom() -> None:

@@ -212,6 +212,78 @@ def test_several_listener_processes_share_port_and_route_once(
     )
 
 
+def _established_connections(pids: list[int], port: int) -> dict[int, int]:
+    """How many established TCP connections to local ``port`` each process holds (Linux
+    /proc: the sockets of /proc/net/tcp whose inode is among the process's open files)."""
+    inodes: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01":  # 01: ESTABLISHED
+                inodes[fields[9]] = local_port
+    held: dict[int, int] = {}
+    for pid in pids:
+        count = 0
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                count += 1
+        held[pid] = count
+    return held
+
+
+def test_a_listener_group_spreads_associations_over_its_processes(
+    deployment: Carebridge,
+) -> None:
+    """`listen-dicom --processes 2`: the processes share one listening socket and the
+    least busy takes each new association, so four associations held open at once are
+    served two by each process; `ready` comes once both serve."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    proc = deployment._spawn("listener", "listen-dicom", "--processes", "2")
+    wait_until(
+        lambda: (
+            proc.poll() is not None
+            or "ready (2 processes)" in deployment.log_paths["listener"].read_text()
+        ),
+        timeout=120,
+        what="the listener group to be ready",
+    )
+    assert proc.poll() is None, deployment.log_paths["listener"].read_text()
+    (helper,) = [
+        int(pid)
+        for children in Path(f"/proc/{proc.pid}/task").glob("*/children")
+        for pid in children.read_text().split()
+    ]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    associations = []
+    try:
+        for _ in range(4):
+            assoc = ae.associate("127.0.0.1", deployment.dicom_port, ae_title="CAREBRIDGE")
+            assert assoc.is_established
+            associations.append(assoc)
+        wait_until(
+            lambda: (
+                sum(_established_connections([proc.pid, helper], deployment.dicom_port).values())
+                == 4
+            ),
+            timeout=10,
+            what="four associations served",
+        )
+        held = _established_connections([proc.pid, helper], deployment.dicom_port)
+        assert sorted(held.values()) == [2, 2], held
+        assert all(assoc.send_c_echo().Status == 0 for assoc in associations)
+    finally:
+        for assoc in associations:
+            assoc.release()
+
+
 def test_a_bad_clinical_rules_file_stops_the_listener_before_it_listens(
     tmp_path: Path, models_dir: Path
 ) -> None:
