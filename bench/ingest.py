@@ -3,7 +3,10 @@ to Orthanc and to dcmtk storescp (and a bare pynetdicom handler), on 1 and 4 ass
 
     .venv/bin/python bench/ingest.py [--instances 300] [--listeners 1]
 
-Prints instances/s and the ratios the project's targets are stated in. carebridge runs as
+Every run sends a new series (the same pixels under new UIDs), after one warm-up
+association of 10 instances to each target (to each new carebridge deployment, as each
+run starts one with an empty database). Prints instances/s and the ratios the project's
+targets are stated in. carebridge runs as
 `carebridge listen-dicom` with its defaults: every instance's file and directory entry
 fsynced and its row committed before the answer (SQLite WAL, synchronous=NORMAL: rows a
 power loss undoes are rebuilt from the files at the next start). Nothing here is a
@@ -31,6 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.harness import Carebridge
 from tests.peers import OrthancPeer, StoreSCP, free_port, wait_for_port
+
+#: Instances sent to a target before it is measured.
+WARM_UP = 10
 
 
 def make_series(folder: Path, count: int) -> list[Path]:
@@ -118,7 +124,6 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="carebridge-bench-") as tmp, ExitStack() as stack:
         root = Path(tmp)
-        files = make_series(root / "series", args.instances)
         targets: dict[str, tuple[int, str, None]] = {}
 
         storescp = stack.enter_context(StoreSCP(root / "storescp"))
@@ -165,13 +170,27 @@ def main() -> None:
         rates: dict[tuple[str, int], float] = {}
         memory: list[int] = []
         names = [*targets, "carebridge", f"carebridge x{args.processes}"]
+        series = iter(range(10_000))
+
+        def new_series(count: int) -> list[Path]:
+            """The same pixels under new UIDs: every run stores new instances (Orthanc
+            answers a repeated instance without storing it again)."""
+            folder = root / f"series{next(series)}"
+            return make_series(folder, count)
+
+        # Each target is warmed up once (imports, caches, first connections), as a
+        # listener that has been running is; carebridge gets a fresh deployment per run.
+        for port, called, _ in targets.values():
+            storescu_rate(port, called, new_series(WARM_UP), 1)
         for associations in (1, 4):
             for name in names:
                 runs = []
                 for _ in range(args.repeat):
+                    files = new_series(args.instances)
                     if name.startswith("carebridge"):
                         processes = 1 if name == "carebridge" else args.processes
                         deployment, pid = carebridge_listener(processes)
+                        storescu_rate(deployment.dicom_port, "CAREBRIDGE", new_series(WARM_UP), 1)
                         runs.append(
                             storescu_rate(deployment.dicom_port, "CAREBRIDGE", files, associations)
                         )
