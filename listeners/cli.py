@@ -65,6 +65,13 @@ def _logging(level: str) -> None:
 
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR.")]
+#: Internal option of the processes a listener group starts: the pipe to report ready on.
+ReadyFd = Annotated[
+    int | None,
+    typer.Option(
+        "--ready-fd", hidden=True, help="Internal: a process of a group reports ready here."
+    ),
+]
 
 
 def _database(settings: Settings, *, require_current: bool = True) -> Any:
@@ -117,10 +124,7 @@ def listen_dicom(
         int | None,
         typer.Option(hidden=True, help="Internal: the listening socket of a group."),
     ] = None,
-    ready_fd: Annotated[
-        int | None,
-        typer.Option(hidden=True, help="Internal: a process of a group reports ready here."),
-    ] = None,
+    ready_fd: ReadyFd = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the DICOM SCP (C-ECHO, C-STORE) and, by default, the sweeper."""
@@ -268,10 +272,7 @@ def listen_fhir(
     processes: Annotated[
         int, typer.Option(min=1, max=64, help="Webhook processes sharing the port.")
     ] = 1,
-    ready_fd: Annotated[
-        int | None,
-        typer.Option(hidden=True, help="Internal: a process of a group reports ready here."),
-    ] = None,
+    ready_fd: ReadyFd = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the FHIR webhook (Subscription notifications, direct POSTs) on FHIR_HOST:FHIR_PORT."""
