@@ -9,9 +9,9 @@ named in the token), and checks the claims the specification requires:
 - ``iss``: one of ``CAREBRIDGE_CDS_HOOKS_ISSUERS``;
 - ``aud``: the service's own URL (``<base>/cds-services/<id>``, where ``<base>`` is
   ``CAREBRIDGE_CDS_HOOKS_AUDIENCE`` or else the URL the request was sent to);
-- ``exp`` at most five minutes ahead, ``iat``, and a ``jti`` never seen before (replays
-  are refused until the token expires: by the database when the webhook gives a
-  ``remember`` function, which every process of a group shares; else in memory).
+- ``exp`` at most five minutes ahead, ``iat``, and a ``jti`` never seen before (the
+  caller's ``remember`` records it until the token expires; the webhook keeps it in the
+  database, which every process of a group shares).
 
 Missing credentials are a 401, wrong ones a 403, as for the webhook. The token and the
 keys are never logged or echoed.
@@ -20,7 +20,6 @@ keys are never logged or echoed.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,8 +35,6 @@ ALGORITHMS = ("ES384", "RS384")
 LEEWAY_S = 30
 #: ``exp`` may be at most this far ahead of now (the specification's five minutes).
 MAX_LIFETIME_S = 300
-#: Tokens remembered against replay; beyond this the oldest-expiring are dropped.
-MAX_REMEMBERED = 100_000
 
 
 def load_jwks(path: Path) -> dict[str, Any]:
@@ -78,11 +75,11 @@ class CdsClientVerifier:
         issuers: Sequence[str],
         audience_base: str | None = None,
         *,
+        remember: Callable[[str, str, float], bool],
         clock: Callable[[], float] = time.time,
-        remember: Callable[[str, str, float], bool] | None = None,
     ) -> None:
         """``remember(issuer, jti, exp)`` records a token and returns False when it was
-        already used (default: a record in this process's memory)."""
+        already used."""
         if not issuers:
             raise ValueError(
                 "CAREBRIDGE_CDS_HOOKS_JWKS is set but CAREBRIDGE_CDS_HOOKS_ISSUERS is empty: "
@@ -95,9 +92,7 @@ class CdsClientVerifier:
         self.issuers = list(issuers)
         self.audience_base = audience_base.rstrip("/") if audience_base else None
         self._clock = clock
-        self._remember_elsewhere = remember
-        self._seen: dict[str, float] = {}  # "iss jti" -> exp
-        self._lock = threading.Lock()
+        self._remember = remember
 
     def service_url(self, request_base: str, service_id: str) -> str:
         """The ``aud`` a token for ``service_id`` must carry."""
@@ -152,12 +147,8 @@ class CdsClientVerifier:
         expires = float(claims["exp"])
         if expires > now + MAX_LIFETIME_S + LEEWAY_S:
             raise CredentialsRefused(403, "lifetime", "the JWT's exp is more than 5 minutes ahead")
-        if self._remember_elsewhere is not None:
-            fresh = self._remember_elsewhere(str(claims["iss"]), str(claims["jti"]), expires)
-            if not fresh:
-                raise CredentialsRefused(403, "replay", "this JWT (its jti) was already used")
-        else:
-            self._remember(f"{claims['iss']} {claims['jti']}", expires, now)
+        if not self._remember(str(claims["iss"]), str(claims["jti"]), expires):
+            raise CredentialsRefused(403, "replay", "this JWT (its jti) was already used")
         return claims
 
     def _key_for(self, kid: object, algorithm: str) -> Any:
@@ -176,15 +167,3 @@ class CdsClientVerifier:
                 403, "key", "no configured CDS Client key matches the JWT's kid and alg"
             )
         return usable[0][0]
-
-    def _remember(self, token_id: str, expires: float, now: float) -> None:
-        with self._lock:
-            if token_id in self._seen:
-                raise CredentialsRefused(403, "replay", "this JWT (its jti) was already used")
-            if len(self._seen) >= MAX_REMEMBERED:
-                for seen, until in list(self._seen.items()):
-                    if until + LEEWAY_S < now:
-                        del self._seen[seen]
-                while len(self._seen) >= MAX_REMEMBERED:
-                    del self._seen[min(self._seen, key=self._seen.__getitem__)]
-            self._seen[token_id] = expires

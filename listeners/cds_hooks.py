@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 
 from db.cds_tokens import remember_token, token_key
 from db.engine import Database
-from db.schema import Patient, Result
+from db.schema import Patient, Result, utcnow
 from listeners.cds_auth import CdsClientVerifier, load_jwks
 from listeners.fhir_auth import CredentialsRefused, check_bearer
 from worker.settings import Settings, is_loopback
@@ -159,21 +159,18 @@ def _token_register(database: Database) -> Callable[[str, str, float], bool]:
     process of a webhook group, and after a restart."""
 
     def remember(issuer: str, jti: str, expires: float) -> bool:
-        now = datetime.now(UTC).replace(tzinfo=None)
         until = datetime.fromtimestamp(expires, UTC).replace(tzinfo=None)
         try:
             with database.writer_turn(), database.session() as session:
-                return remember_token(session, token_key(issuer, jti), until, now)
+                return remember_token(session, token_key(issuer, jti), until, utcnow())
         except IntegrityError:  # another process recorded the same token meanwhile
             return False
 
     return remember
 
 
-def cds_hooks_access(
-    settings: Settings, token: str | None, database: Database | None = None
-) -> CdsAccess:
-    """The access rule the settings give (JWTs recorded in ``database`` when given).
+def cds_hooks_access(settings: Settings, token: str | None, database: Database) -> CdsAccess:
+    """The access rule the settings give (accepted JWTs recorded in ``database``).
     Raises ValueError for an unusable JWK Set."""
     if settings.cds_hooks_jwks is not None:
         return CdsAccess(
@@ -181,7 +178,7 @@ def cds_hooks_access(
                 load_jwks(settings.cds_hooks_jwks),
                 settings.cds_hooks_issuers,
                 settings.cds_hooks_audience,
-                remember=None if database is None else _token_register(database),
+                remember=_token_register(database),
             )
         )
     if token is not None:

@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from listeners.cli_models import evaluate_app, missing_demo_models, models_app, train_app
+from listeners.net import listening_socket, port_is_free
 from worker.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -132,7 +133,7 @@ def listen_dicom(
     settings = _settings()
     database = _database(settings)
     from db.engine import Database
-    from listeners.dicom import StorageSCP, shared_listening_socket
+    from listeners.dicom import StorageSCP
 
     rules = clinical_rules = None
     if sweeper:  # the rules are read before anything listens: a bad file stops the start
@@ -156,7 +157,7 @@ def listen_dicom(
         shared = socket.socket(fileno=listen_fd)
     elif processes > 1:
         try:
-            shared = shared_listening_socket(settings.dicom_host, settings.dicom_port)
+            shared = listening_socket(settings.dicom_host, settings.dicom_port)
         except OSError as exc:
             err.print(
                 f"[red]carebridge listen-dicom: cannot listen on "
@@ -232,35 +233,6 @@ def listen_dicom(
 FHIR_METRICS_DIR = "fhir-metrics"
 
 
-def _shared_port_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket that the other processes of this group bind too
-    (SO_REUSEPORT: the kernel spreads connections over them)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(False)
-    return sock
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    """Nobody listens on host:port (another group sharing it with SO_REUSEPORT included)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def _reset_metrics_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob("*.db"):  # counters of an earlier run
@@ -284,7 +256,7 @@ def listen_fhir(
     sockets: list[socket.socket] | None = None
     if processes > 1 or member:
         if not member:
-            if not _port_is_free(host, port):
+            if not port_is_free(host, port):
                 err.print(f"[red]carebridge listen-fhir: {host}:{port} is in use[/red]")
                 raise typer.Exit(1)
             # Counters of every process of the group, summed on each /metrics scrape. Set
@@ -293,7 +265,7 @@ def listen_fhir(
             _reset_metrics_dir(metrics_dir)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         try:
-            sockets = [_shared_port_socket(host, port)]
+            sockets = [listening_socket(host, port, reuse_port=True, backlog=2048)]
         except OSError as exc:
             err.print(f"[red]carebridge listen-fhir: cannot listen on {host}:{port}: {exc}[/red]")
             raise typer.Exit(1) from None

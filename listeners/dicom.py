@@ -593,7 +593,7 @@ class StorageSCP:
 
         The port is bound with SO_REUSEPORT, so several listeners can share it. The
         processes of one ``carebridge listen-dicom --processes N`` share one listening
-        socket instead (``shared``, see :func:`shared_listening_socket`): each connection
+        socket instead (``shared``, see :func:`listeners.net.listening_socket`): each connection
         goes to the process serving the fewest associations.
         """
         ensure_directory(self.archive_dir)
@@ -714,20 +714,6 @@ class _ReusePortServer(ThreadedAssociationServer):
         accepted.append(request[0])
         self._accepted = accepted
         return request
-
-
-def shared_listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
-    """A bound, listening socket for a group of listener processes to share (inherited)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def quiet_pynetdicom() -> None:

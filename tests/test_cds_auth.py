@@ -96,8 +96,20 @@ def keys() -> Keys:
     return Keys()
 
 
+def in_memory() -> Any:
+    """A ``remember`` for the verifier alone: the tokens seen, in a set."""
+    seen: set[tuple[str, str]] = set()
+
+    def remember(issuer: str, jti: str, expires: float) -> bool:
+        fresh = (issuer, jti) not in seen
+        seen.add((issuer, jti))
+        return fresh
+
+    return remember
+
+
 def verifier(keys: Keys, **options: Any) -> CdsClientVerifier:
-    return CdsClientVerifier(keys.jwks, [ISSUER], **options)
+    return CdsClientVerifier(keys.jwks, [ISSUER], remember=in_memory(), **options)
 
 
 def refused(check: CdsClientVerifier, token: str | None, audience: str = SERVICE) -> str:
@@ -145,7 +157,10 @@ def test_without_a_kid_only_an_unambiguous_key_is_used(keys: Keys) -> None:
     check = verifier(keys)
     assert check.verify(f"Bearer {keys.token(kid=None)}", SERVICE)  # the only EC key
     two_ec = {"keys": [keys.jwks["keys"][0], {**keys.jwks["keys"][0], "kid": "ec-2"}]}
-    assert refused(CdsClientVerifier(two_ec, [ISSUER]), keys.token(kid=None)) == "403 key"
+    assert (
+        refused(CdsClientVerifier(two_ec, [ISSUER], remember=in_memory()), keys.token(kid=None))
+        == "403 key"
+    )
 
 
 def test_key_sets_are_checked_when_loaded(tmp_path: Path, keys: Keys) -> None:
