@@ -36,6 +36,7 @@ from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
+    _config,
     evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -52,6 +53,11 @@ from worker.routing import ROUTED_ATTRIBUTES, series_attributes
 from worker.settings import Settings
 
 log = logging.getLogger("carebridge.dicom")
+
+# pynetdicom's "standard" notification handlers format every PDU and DIMSE message for its
+# debug log whatever the log level, and copy each received dataset to say that it has one.
+# carebridge logs what it needs (without PHI) itself.
+_config.LOG_HANDLER_LEVEL = "none"
 
 # C-STORE statuses (PS3.4 B.2.3). 0xA7xx: the sender should retry; 0xCxxx / 0xA9xx: never.
 STATUS_SUCCESS = 0x0000

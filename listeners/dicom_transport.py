@@ -19,7 +19,12 @@ network idle, kill), exactly as pynetdicom's state machine expects. Everything e
 only the waiting is replaced, on acceptor associations of carebridge's server.
 
 Socket reads are also done with ``recv_into`` a buffer of the PDU's size instead of
-pynetdicom's 4 KiB ``recv`` calls appended one by one.
+pynetdicom's 4 KiB ``recv`` calls appended one by one; a P-DATA-TF PDU's presentation data
+values are handed to DIMSE as views of that buffer (pynetdicom copies the PDU twice and
+builds an object per value); and a plain C-STORE response (a
+status, no error comment or offending element) is encoded directly, in the bytes
+pynetdicom's general message encoder writes for it, without building a pydicom dataset
+and encoding it twice.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -37,8 +43,11 @@ from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
@@ -87,6 +96,49 @@ class _Waker:
     def close(self) -> None:
         self._receiver.close()
         self._sender.close()
+
+
+# PDU types of PS3.8 9.3 (A-ASSOCIATE-RQ ... A-ABORT); P-DATA-TF is 0x04.
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_P_DATA_TF = 0x04
+
+
+def decode_p_data(body: bytearray) -> P_DATA | None:
+    """The P-DATA primitive of a P-DATA-TF PDU's body, or None when it is malformed.
+
+    Each presentation data value item (PS3.8 9.3.5.1) is a 4-byte big-endian length, the
+    presentation context ID and the value (its first byte the message control header).
+    The values are views of ``body``: DIMSE copies each into the message it assembles.
+    """
+    view = memoryview(body)
+    values: list[tuple[int, Any]] = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if end - offset < 6:
+            return None
+        (length,) = struct.unpack_from(">I", body, offset)
+        # At least the context ID and the message control header; never past the PDU.
+        if length < 2 or length > end - offset - 4:
+            return None
+        values.append((body[offset + 4], view[offset + 5 : offset + 4 + length]))
+        offset += 4 + length
+    if not values:
+        return None
+    primitive = P_DATA()
+    # Appended, as pynetdicom's own P_DATA_TF.to_primitive does (its setter wants bytes).
+    primitive.presentation_data_value_list.extend(values)
+    return primitive
+
+
+class _ReceivedPData(P_DATA_TF):
+    """A received P-DATA-TF PDU whose values were parsed by :func:`decode_p_data`."""
+
+    def __init__(self, primitive: P_DATA) -> None:
+        super().__init__()
+        self._primitive = primitive
+
+    def to_primitive(self) -> P_DATA:
+        return self._primitive
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -138,6 +190,52 @@ class EventDrivenDUL(DULServiceProvider):
         except (OSError, ValueError):  # closed under us: the next turn sees it
             time.sleep(0.001)
         self._waker.drain()
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU, as pynetdicom does; a P-DATA-TF's values are parsed directly.
+
+        The events are pynetdicom's: Evt17 when the connection closes before a whole PDU
+        arrived, Evt19 for an unknown PDU type or one that does not decode (the
+        association is then aborted), else the PDU's own event with the PDU queued.
+        """
+        assert self.socket is not None
+        try:
+            header = self.socket.recv(6)
+            pdu_type, _, length = struct.unpack(">BBL", header)
+        except (OSError, struct.error):
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type not in _PDU_TYPES:
+            log.warning("unknown PDU type 0x%02X received: aborting the association", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = self.socket.recv(length)
+        except OSError:
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type == _P_DATA_TF and not (
+            self.assoc.get_handlers(evt.EVT_DATA_RECV) or self.assoc.get_handlers(evt.EVT_PDU_RECV)
+        ):
+            primitive = decode_p_data(body)
+            if primitive is None:
+                log.warning("malformed P-DATA-TF PDU received: aborting the association")
+                self.event_queue.put("Evt19")
+                return
+            self.event_queue.put("Evt10")
+            self._recv_pdu.put(_ReceivedPData(primitive))
+            return
+        try:
+            pdu, event = self._decode_pdu(bytearray(header) + body)
+        except Exception:
+            log.warning("undecodable PDU received: aborting the association")
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
 
     def _abort_after_error(self) -> None:
         """As pynetdicom does: an error in the reactor aborts the association."""
@@ -235,6 +333,73 @@ class _BufferedSocket(AssociationSocket):
         return buffer
 
 
+# Command Field of a C-STORE-RSP, and Command Data Set Type "no data set" (PS3.7 E.1-1).
+_C_STORE_RSP = 0x8001
+_NO_DATA_SET = 0x0101
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    """One group 0000 element, Implicit VR Little Endian (the command set's encoding)."""
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _command_uid(uid: object) -> bytes:
+    value = str(uid).encode("ascii")
+    return value + b"\0" if len(value) % 2 else value
+
+
+def encode_c_store_response(primitive: C_STORE) -> bytes | None:
+    """The command set of a plain C-STORE-RSP, or None when it is not one.
+
+    Plain: a response (Message ID Being Responded To set) with a status and neither an
+    Offending Element nor an Error Comment. The elements are those pynetdicom writes for
+    it, in tag order, each optional UID left out when unset.
+    """
+    if type(primitive) is not C_STORE:
+        return None
+    responded_to = primitive.MessageIDBeingRespondedTo
+    status = primitive.Status
+    if (
+        responded_to is None
+        or not isinstance(status, int)
+        or primitive.OffendingElement is not None
+        or primitive.ErrorComment is not None
+    ):
+        return None
+    elements = []
+    if primitive.AffectedSOPClassUID is not None:
+        elements.append(_command_element(0x0002, _command_uid(primitive.AffectedSOPClassUID)))
+    elements += [
+        _command_element(0x0100, struct.pack("<H", _C_STORE_RSP)),
+        _command_element(0x0120, struct.pack("<H", responded_to)),
+        _command_element(0x0800, struct.pack("<H", _NO_DATA_SET)),
+        _command_element(0x0900, struct.pack("<H", status)),
+    ]
+    if primitive.AffectedSOPInstanceUID is not None:
+        elements.append(_command_element(0x1000, _command_uid(primitive.AffectedSOPInstanceUID)))
+    body = b"".join(elements)
+    return _command_element(0x0000, struct.pack("<I", len(body))) + body
+
+
+class DirectResponseDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider; plain C-STORE responses are encoded directly."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        encoded = encode_c_store_response(primitive)
+        limit = self.maximum_pdu_size
+        if (
+            encoded is None
+            or (limit and len(encoded) > limit - 6)  # would need several fragments
+            or self.assoc.get_handlers(evt.EVT_DIMSE_SENT)  # someone wants the message
+        ):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        # Message Control Header 0x03: a command, its last fragment (PS3.8 E.2).
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+        self.dul.send_pdu(pdata)
+
+
 def make_event_driven(assoc: Association) -> None:
     """Switch a new acceptor association (not yet started) to the event-driven reactors."""
     activity = threading.Event()
@@ -247,6 +412,7 @@ def make_event_driven(assoc: Association) -> None:
     dul.to_provider_queue = _WakingQueue(waker.wake)
     dul.to_user_queue = _WakingQueue(activity.set)
     assoc.dimse.msg_queue = _WakingQueue(activity.set)
+    assoc.dimse.__class__ = DirectResponseDIMSE
     assoc.__class__ = EventDrivenAssociation
     assert isinstance(assoc, EventDrivenAssociation)
     assoc._activity = activity
