@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import DateTime, bindparam, func, select, update
+from sqlalchemy import Connection, DateTime, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -94,7 +94,7 @@ class InstanceRecorder:
         """Drop cached ids (after a rollback, a cached id may name a row that never was)."""
         self._cache.clear()
 
-    def record(self, session: Session, received: ReceivedInstance) -> bool:
+    def record(self, connection: Connection, received: ReceivedInstance) -> bool:
         """Add the instance (and its study and series) in the caller's transaction.
 
         Returns False when the instance was already recorded (a duplicate is a no-op).
@@ -102,8 +102,6 @@ class InstanceRecorder:
         back to receiving, so the next quiet period starts a new run.
         """
         now = utcnow()
-        # Core statements on the session's connection: no ORM bookkeeping per C-STORE.
-        connection = session.connection()
         study_id = self._id(
             connection,
             self._study,

@@ -491,8 +491,9 @@ class StorageSCP:
             patient_key=patient_key,
         )
         try:
-            with self.database.writer_turn(), self.database.session() as session:
-                new = self.recorder.record(session, received)
+            # Core statements in a plain transaction: no ORM bookkeeping per C-STORE.
+            with self.database.writer_turn(), self.database.transaction() as connection:
+                new = self.recorder.record(connection, received)
         except SQLAlchemyError:
             self.recorder.forget()
             # Nothing half-written: no row, so no file either.
@@ -559,7 +560,7 @@ class StorageSCP:
                         skipped += 1
                         continue
                     with self.database.session() as session:
-                        if self.recorder.record(session, received):
+                        if self.recorder.record(session.connection(), received):
                             recorded += 1
                             studies.add(received.study_instance_uid)
         if skipped:
