@@ -8,6 +8,7 @@ import struct
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,25 @@ from listeners.dicom import StorageSCP
 from listeners.dicom_transport import _BufferedSocket, decode_p_data, encode_c_store_response
 from tests.peers import free_port
 from worker.settings import load_settings
+
+
+@pytest.fixture
+def scp_port(tmp_path: Path) -> Iterator[int]:
+    """The port of a carebridge SCP serving for the test (SQLite in ``tmp_path``)."""
+    port = free_port()
+    settings = load_settings(
+        database_url=f"sqlite:///{tmp_path / 'cb.db'}",
+        archive_dir=tmp_path / "archive",
+        dicom_port=port,
+    )
+    upgrade(settings.database_url)
+    database = Database(settings.database_url)
+    server = StorageSCP(settings, database).start()
+    try:
+        yield port
+    finally:
+        server.shutdown()
+        database.dispose()
 
 
 def _reader(sock: socket.socket) -> _BufferedSocket:
@@ -117,37 +137,24 @@ def test_a_malformed_p_data_pdu_is_refused(body: bytes) -> None:
     assert decode_p_data(bytearray(body)) is None
 
 
-def test_a_malformed_p_data_pdu_aborts_the_association(tmp_path: Path) -> None:
-    port = free_port()
-    settings = load_settings(
-        database_url=f"sqlite:///{tmp_path / 'cb.db'}",
-        archive_dir=tmp_path / "archive",
-        dicom_port=port,
-    )
-    upgrade(settings.database_url)
-    database = Database(settings.database_url)
-    server = StorageSCP(settings, database).start()
-    try:
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", port, ae_title="CAREBRIDGE")
-        assert assoc.is_established
-        assert int(assoc.send_c_echo().Status) == 0
-        body = struct.pack(">IB", 100, 1) + b"\x03" * 10
-        transport = assoc.dul.socket
-        assert transport is not None and transport.socket is not None
-        transport.socket.sendall(struct.pack(">BBL", 0x04, 0, len(body)) + body)
-        deadline = time.monotonic() + 10
-        while assoc.is_established and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert assoc.is_aborted
-        # The listener goes on serving.
-        again = ae.associate("127.0.0.1", port, ae_title="CAREBRIDGE")
-        assert int(again.send_c_echo().Status) == 0
-        again.release()
-    finally:
-        server.shutdown()
-        database.dispose()
+def test_a_malformed_p_data_pdu_aborts_the_association(scp_port: int) -> None:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp_port, ae_title="CAREBRIDGE")
+    assert assoc.is_established
+    assert int(assoc.send_c_echo().Status) == 0
+    body = struct.pack(">IB", 100, 1) + b"\x03" * 10
+    transport = assoc.dul.socket
+    assert transport is not None and transport.socket is not None
+    transport.socket.sendall(struct.pack(">BBL", 0x04, 0, len(body)) + body)
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    # The listener goes on serving.
+    again = ae.associate("127.0.0.1", scp_port, ae_title="CAREBRIDGE")
+    assert int(again.send_c_echo().Status) == 0
+    again.release()
 
 
 def test_reads_a_pdu_larger_than_the_preallocated_buffer() -> None:
@@ -178,28 +185,15 @@ def test_a_claimed_length_is_not_allocated_before_the_bytes_come() -> None:
     assert peak < 4 * (1 << 20)  # one preallocation step, not 4 GiB
 
 
-def test_the_scp_survives_a_hostile_pdu_header(tmp_path: Path) -> None:
-    port = free_port()
-    settings = load_settings(
-        database_url=f"sqlite:///{tmp_path / 'cb.db'}",
-        archive_dir=tmp_path / "archive",
-        dicom_port=port,
-    )
-    upgrade(settings.database_url)
-    database = Database(settings.database_url)
-    server = StorageSCP(settings, database).start()
-    try:
-        with socket.create_connection(("127.0.0.1", port)) as raw:
-            raw.sendall(struct.pack(">BBL", 0x01, 0x00, 0xFFFFFFF0) + b"\x00" * 100)
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", port, ae_title="CAREBRIDGE")
-        assert assoc.is_established
-        # Many request/response turns on one association, each woken by its message.
-        for _ in range(50):
-            assert int(assoc.send_c_echo().Status) == 0
-        assoc.release()
-        assert assoc.is_released
-    finally:
-        server.shutdown()
-        database.dispose()
+def test_the_scp_survives_a_hostile_pdu_header(scp_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", scp_port)) as raw:
+        raw.sendall(struct.pack(">BBL", 0x01, 0x00, 0xFFFFFFF0) + b"\x00" * 100)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp_port, ae_title="CAREBRIDGE")
+    assert assoc.is_established
+    # Many request/response turns on one association, each woken by its message.
+    for _ in range(50):
+        assert int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+    assert assoc.is_released
