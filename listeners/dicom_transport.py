@@ -21,10 +21,9 @@ only the waiting is replaced, on acceptor associations of carebridge's server.
 Socket reads are also done with ``recv_into`` a buffer of the PDU's size instead of
 pynetdicom's 4 KiB ``recv`` calls appended one by one; a P-DATA-TF PDU's presentation data
 values are handed to DIMSE as views of that buffer (pynetdicom copies the PDU twice and
-builds an object per value); and a plain C-STORE response (a
-status, no error comment or offending element) is encoded directly, in the bytes
-pynetdicom's general message encoder writes for it, without building a pydicom dataset
-and encoding it twice.
+builds an object per value); and a plain C-STORE response (a status, no error comment or
+offending element) is encoded directly, in the bytes pynetdicom's general message
+encoder writes for it, without building a pydicom dataset and encoding it twice.
 """
 
 from __future__ import annotations
@@ -362,6 +361,7 @@ def encode_c_store_response(primitive: C_STORE) -> bytes | None:
     if (
         responded_to is None
         or not isinstance(status, int)
+        or not 0 <= status <= 0xFFFF
         or primitive.OffendingElement is not None
         or primitive.ErrorComment is not None
     ):
