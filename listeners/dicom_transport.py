@@ -38,9 +38,10 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 
-from pynetdicom import evt
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
@@ -381,8 +382,143 @@ def encode_c_store_response(primitive: C_STORE) -> bytes | None:
     return _command_element(0x0000, struct.pack("<I", len(body))) + body
 
 
+# The command elements of a C-STORE-RQ (PS3.7 9.3.1.1): group length, Affected SOP Class
+# UID, Command Field, Message ID, Priority, Command Data Set Type, Affected SOP Instance
+# UID, Move Originator AE Title and Message ID.
+_C_STORE_RQ_ELEMENTS = frozenset(
+    (0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031)
+)
+_C_STORE_RQ = b"\x01\x00"
+
+
+def decode_c_store_request(command: bytes | memoryview) -> C_STORE | None:
+    """The C-STORE primitive of a C-STORE-RQ command set with a data set, or None.
+
+    None also for anything unusual (another command, another element, an empty or
+    multi-valued or malformed value, a value the primitive refuses): pynetdicom's own
+    decoder then handles the message, with its own errors. The values are decoded as
+    pydicom decodes them (UIDs without trailing nulls or spaces, an AE title without
+    leading or trailing spaces) and set through the primitive's own validating setters.
+    """
+    values: dict[int, bytes] = {}
+    offset, end = 0, len(command)
+    while offset < end:
+        if end - offset < 8:
+            return None
+        group, element, length = struct.unpack_from("<HHI", command, offset)
+        offset += 8
+        if (
+            group != 0x0000
+            or element not in _C_STORE_RQ_ELEMENTS
+            or element in values
+            or not 0 < length <= end - offset
+        ):
+            return None
+        values[element] = bytes(command[offset : offset + length])
+        offset += length
+    if values.get(0x0100) != _C_STORE_RQ:
+        return None
+    data_set_type = values.get(0x0800)
+    if data_set_type is None or data_set_type == b"\x01\x01":  # no data set: not a store
+        return None
+    try:
+        request = C_STORE()
+        request.MessageID = _us(values[0x0110])
+        request.AffectedSOPClassUID = _ui(values[0x0002])
+        request.AffectedSOPInstanceUID = _ui(values[0x1000])
+        if 0x0700 in values:
+            request.Priority = _us(values[0x0700])
+        if 0x1030 in values:
+            title = values[0x1030].decode("ascii")
+            if "\\" in title:
+                return None
+            request.MoveOriginatorApplicationEntityTitle = title.strip()
+            if request.MoveOriginatorApplicationEntityTitle is None:  # refused by the setter
+                return None
+        if 0x1031 in values:
+            request.MoveOriginatorMessageID = _us(values[0x1031])
+    except (KeyError, ValueError, TypeError, struct.error):
+        return None
+    return request
+
+
+def _us(value: bytes) -> int:
+    (number,) = struct.unpack("<H", value)  # struct.error unless exactly 2 bytes
+    return int(number)
+
+
+def _ui(value: bytes) -> str:
+    text = value.decode("ascii").rstrip("\0 ")
+    if "\\" in text or not text:
+        raise ValueError("not a single UID")
+    return text
+
+
+class _IncomingStore:
+    """A C-STORE-RQ whose command set arrived and whose data set is arriving."""
+
+    __slots__ = ("context_id", "fragments", "request")
+
+    def __init__(self, request: C_STORE, context_id: int) -> None:
+        self.request = request
+        self.context_id = context_id
+        self.fragments: list[Any] = []
+
+
 class DirectResponseDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider; plain C-STORE responses are encoded directly."""
+    """pynetdicom's DIMSE provider, with C-STORE's own messages handled directly.
+
+    * A C-STORE-RQ whose command set comes whole in one fragment is decoded by
+      :func:`decode_c_store_request`, and its data set fragments (views of the received
+      PDUs) are joined once into the request's ``DataSet``. Any other message, and every
+      message while someone has bound ``EVT_DIMSE_RECV`` or pynetdicom is set to spool
+      data sets to files, goes through pynetdicom's decoder.
+    * A plain C-STORE response is encoded directly (:func:`encode_c_store_response`).
+    """
+
+    _incoming: _IncomingStore | None = None
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        values = primitive.presentation_data_value_list
+        if self._incoming is None:
+            if self.message is not None or not values:  # pynetdicom is assembling one
+                super().receive_primitive(primitive)
+                return
+            context_id, data = values[0]
+            request = None
+            if (
+                data[0] & 0b11 == 0b11  # a command, whole in this one fragment
+                and not _config.STORE_RECV_CHUNKED_DATASET
+                and not self.assoc.get_handlers(evt.EVT_DIMSE_RECV)
+            ):
+                request = decode_c_store_request(memoryview(data)[1:])
+            if request is None:
+                super().receive_primitive(primitive)
+                return
+            self._incoming = _IncomingStore(request, context_id)
+            values = values[1:]
+        incoming = self._incoming
+        for index, (context_id, data) in enumerate(values):
+            header = data[0]
+            if header & 0b01 or context_id != incoming.context_id:
+                # A command, or another context, before the data set's last fragment.
+                log.warning("C-STORE data set interrupted by another message: aborting")
+                self._incoming = None
+                self.dul.event_queue.put("Evt19")
+                return
+            incoming.fragments.append(memoryview(data)[1:])
+            if header & 0b10:  # the data set's last fragment
+                self._incoming = None
+                request = incoming.request
+                request.DataSet = BytesIO(b"".join(incoming.fragments))
+                request._context_id = context_id
+                self.msg_queue.put((context_id, request))
+                rest = values[index + 1 :]
+                if rest:  # the next message began in the same PDU
+                    following = P_DATA()
+                    following.presentation_data_value_list.extend(rest)
+                    self.receive_primitive(following)
+                return
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         encoded = encode_c_store_response(primitive)

@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import struct
 import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 
 from db.engine import Database
 from db.migrate import upgrade
 from listeners.dicom import StorageSCP
-from listeners.dicom_transport import _BufferedSocket, decode_p_data, encode_c_store_response
+from listeners.dicom_transport import (
+    DirectResponseDIMSE,
+    _BufferedSocket,
+    decode_c_store_request,
+    decode_p_data,
+    encode_c_store_response,
+)
 from tests.peers import free_port
 from worker.settings import load_settings
 
@@ -197,3 +209,217 @@ def test_the_scp_survives_a_hostile_pdu_header(scp_port: int) -> None:
         assert int(assoc.send_c_echo().Status) == 0
     assoc.release()
     assert assoc.is_released
+
+
+# ------------------------------------------------------------------ C-STORE-RQ decoding
+
+
+def _request(**fields: object) -> C_STORE:
+    primitive = C_STORE()
+    primitive.MessageID = 7
+    primitive.AffectedSOPClassUID = CTImageStorage
+    primitive.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.123"
+    primitive.DataSet = BytesIO(b"\x08\x00\x16\x00" + os.urandom(300))
+    for name, value in fields.items():
+        setattr(primitive, name, value)
+    return primitive
+
+
+def _request_pdata(primitive: C_STORE, max_pdu: int = 16382) -> list[P_DATA]:
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    return list(message.encode_msg(1, max_pdu))
+
+
+def _pynetdicom_request(command: bytes) -> C_STORE:
+    message = DIMSEMessage()
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((1, b"\x03" + command))
+    message.decode_msg(pdata)
+    primitive = message.message_to_primitive()
+    assert isinstance(primitive, C_STORE)
+    return primitive
+
+
+_REQUEST_FIELDS = (
+    "MessageID",
+    "AffectedSOPClassUID",
+    "AffectedSOPInstanceUID",
+    "Priority",
+    "MoveOriginatorApplicationEntityTitle",
+    "MoveOriginatorMessageID",
+)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"Priority": 0},
+        {"Priority": 1, "MessageID": 65535},
+        {"AffectedSOPInstanceUID": "1.2.3.44"},  # even length, no padding
+        {"AffectedSOPInstanceUID": "1." + "2" * 62},  # 64 characters
+        {"MoveOriginatorApplicationEntityTitle": "ORTHANC", "MoveOriginatorMessageID": 3},
+        {"MoveOriginatorApplicationEntityTitle": "A B", "MoveOriginatorMessageID": 0},
+    ],
+)
+def test_a_c_store_request_is_decoded_as_pynetdicom_decodes_it(fields: dict[str, object]) -> None:
+    pdata = _request_pdata(_request(**fields))
+    command = bytes(pdata[0].presentation_data_value_list[0][1][1:])
+    ours = decode_c_store_request(command)
+    assert ours is not None
+    reference = _pynetdicom_request(command)
+    for name in _REQUEST_FIELDS:
+        assert getattr(ours, name) == getattr(reference, name), name
+    assert isinstance(ours.AffectedSOPClassUID, str)
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _store_command(
+    *extra: bytes, field: bytes = b"\x01\x00", data_set: bytes = b"\x02\x00"
+) -> bytes:
+    return b"".join(
+        (
+            _element(0x0002, CTImageStorage.encode() + b"\0"),
+            _element(0x0100, field),
+            _element(0x0110, b"\x07\x00"),
+            _element(0x0700, b"\x02\x00"),
+            _element(0x0800, data_set),
+            _element(0x1000, b"1.2.3.4"),
+            *extra,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        _store_command(),
+        _store_command(_element(0x1030, b"          ")),  # an AE title of spaces
+        _store_command(_element(0x1030, b"  ORTHANC "), _element(0x1031, b"\xff\xff")),
+        _store_command().replace(b"1.2.3.4", b"1.2.34 "),  # space-padded UID
+    ],
+)
+def test_raw_c_store_commands_are_decoded_as_pynetdicom_decodes_them(command: bytes) -> None:
+    ours = decode_c_store_request(command)
+    assert ours is not None
+    reference = _pynetdicom_request(command)
+    for name in _REQUEST_FIELDS:
+        assert getattr(ours, name) == getattr(reference, name), name
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        _store_command(field=b"\x30\x00"),  # a C-ECHO-RQ
+        _store_command(data_set=b"\x01\x01"),  # no data set
+        _store_command(_element(0x0600, b"DEST")),  # an element a C-STORE-RQ does not have
+        _store_command(_element(0x1031, b"")),  # an empty value
+        _store_command(_element(0x1031, b"\x01\x00\x02")),  # a US of three bytes
+        _store_command()[:-3],  # truncated
+        _store_command(_element(0x0002, b"1.2")),  # an element twice
+        _store_command().replace(b"1.2.3.4", b"1.2\\3.4"),  # two UIDs
+        _store_command().replace(b"\x02\x00\x00\x00\x02\x00", b"\x02\x00\x00\x00\x07\x00"),
+    ],
+)
+def test_unusual_commands_are_left_to_pynetdicom(command: bytes) -> None:
+    assert decode_c_store_request(command) is None
+
+
+class _StubDUL:
+    def __init__(self) -> None:
+        self.event_queue: queue.Queue[str] = queue.Queue()
+
+
+class _StubAssociation:
+    def __init__(self) -> None:
+        self.dul = _StubDUL()
+
+    def get_handlers(self, event: object) -> list[object]:
+        return []
+
+
+def _dimse() -> DirectResponseDIMSE:
+    return DirectResponseDIMSE(_StubAssociation())  # type: ignore[arg-type]
+
+
+def _stored(dimse: DirectResponseDIMSE) -> tuple[int | None, C_STORE, bytes]:
+    """The next message the provider queued: context ID, C-STORE request, data set bytes."""
+    context_id, request = dimse.msg_queue.get_nowait()
+    assert isinstance(request, C_STORE) and request.DataSet is not None
+    return context_id, request, request.DataSet.getvalue()
+
+
+def test_a_fragmented_data_set_is_joined_into_the_request() -> None:
+    data = os.urandom(100_000)
+    pdata = _request_pdata(_request(DataSet=BytesIO(data)), max_pdu=4096)
+    assert len(pdata) > 20
+    dimse = _dimse()
+    for primitive in pdata:
+        assert dimse.msg_queue.empty()
+        dimse.receive_primitive(primitive)
+    context_id, request, received = _stored(dimse)
+    assert context_id == 1 and request._context_id == 1
+    assert received == data
+    assert (
+        request.MessageID == 7 and request.AffectedSOPInstanceUID == "1.2.826.0.1.3680043.8.498.123"
+    )
+    assert dimse.message is None and dimse._incoming is None
+
+
+def test_a_message_that_begins_in_the_pdu_that_ends_another_is_kept() -> None:
+    first = _request_pdata(_request(DataSet=BytesIO(b"A" * 10)))
+    second = _request_pdata(_request(MessageID=8, DataSet=BytesIO(b"B" * 10)))
+    values = [value for pdata in (*first, *second) for value in pdata.presentation_data_value_list]
+    together = P_DATA()
+    together.presentation_data_value_list.extend(values)
+    dimse = _dimse()
+    dimse.receive_primitive(together)
+    received = [_stored(dimse) for _ in range(2)]
+    assert [request.MessageID for _, request, _ in received] == [7, 8]
+    assert [data for _, _, data in received] == [b"A" * 10, b"B" * 10]
+
+
+def test_a_command_inside_a_data_set_aborts_the_association() -> None:
+    pdata = _request_pdata(_request(DataSet=BytesIO(os.urandom(10_000))), max_pdu=4096)
+    dimse = _dimse()
+    dimse.receive_primitive(pdata[0])
+    dimse.receive_primitive(pdata[1])
+    dimse.receive_primitive(pdata[0])  # a new command before the data set's end
+    assert dimse.dul.event_queue.get_nowait() == "Evt19"
+    assert dimse.msg_queue.empty()
+
+
+def test_other_messages_still_go_through_pynetdicom() -> None:
+    echo = C_ECHO()
+    echo.MessageID = 3
+    message = C_ECHO_RQ()
+    message.primitive_to_message(echo)
+    dimse = _dimse()
+    for primitive in message.encode_msg(1, 16382):
+        dimse.receive_primitive(primitive)
+    _, received = dimse.msg_queue.get_nowait()
+    assert isinstance(received, C_ECHO) and received.MessageID == 3
+
+
+def test_a_store_from_a_move_originator_is_stored(scp_port: int, tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID = "CT", "MOVE1"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp_port, ae_title="CAREBRIDGE")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds, originator_aet="ORTHANC", originator_id=12)
+    assoc.release()
+    assert int(status.Status) == 0x0000
+    stored = list((tmp_path / "archive").rglob("*.dcm"))
+    assert len(stored) == 1
+    assert dcmread(stored[0]).SOPInstanceUID == ds.SOPInstanceUID
