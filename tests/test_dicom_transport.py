@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import queue
 import socket
@@ -16,7 +17,13 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
@@ -28,6 +35,7 @@ from db.engine import Database
 from db.migrate import upgrade
 from listeners.dicom import StorageSCP
 from listeners.dicom_transport import (
+    AcceptorContexts,
     DirectResponseDIMSE,
     _BufferedSocket,
     decode_c_store_request,
@@ -423,3 +431,39 @@ def test_a_store_from_a_move_originator_is_stored(scp_port: int, tmp_path: Path)
     stored = list((tmp_path / "archive").rglob("*.dcm"))
     assert len(stored) == 1
     assert dcmread(stored[0]).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_acceptor_contexts_are_copied_whole_and_independent() -> None:
+    ae = AE()
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_supported_context(Verification, scp_role=True, scu_role=False)
+    contexts = AcceptorContexts(ae.supported_contexts)
+    before = [list(cx.transfer_syntax) for cx in contexts]
+    copies = copy.deepcopy(contexts)
+    assert type(copies) is list and len(copies) == 2
+    for original, duplicate in zip(contexts, copies, strict=True):
+        assert duplicate is not original
+        assert vars(duplicate) == vars(original)
+        assert duplicate.transfer_syntax is not original.transfer_syntax
+    copies[0].transfer_syntax.append(UID("1.2.826.0.1.3680043.9.7433.1"))
+    copies[0].result = 0x04
+    copies[0].context_id = 9
+    assert [list(cx.transfer_syntax) for cx in contexts] == before
+    assert contexts[0].result is None and contexts[0].context_id is None
+
+
+def test_each_association_negotiates_on_its_own_copy(scp_port: int) -> None:
+    """A context accepted on one association, refused on the next: nothing carries over."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    first = ae.associate("127.0.0.1", scp_port, ae_title="CAREBRIDGE")
+    assert [cx.result for cx in first.accepted_contexts] == [0x00]
+    first.release()
+    other = AE(ae_title="TESTSCU")
+    other.add_requested_context(CTImageStorage, "1.2.3.999")  # a transfer syntax nobody has
+    other.add_requested_context(Verification)
+    second = other.associate("127.0.0.1", scp_port, ae_title="CAREBRIDGE")
+    assert second.is_established
+    assert [cx.abstract_syntax for cx in second.accepted_contexts] == [Verification]
+    assert [cx.result for cx in second.rejected_contexts] == [0x04]  # transfer syntax refused
+    second.release()
