@@ -11,14 +11,17 @@ import pydicom
 import pytest
 from matplotlib import image as mpimg
 from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
 
 from models.provenance import CodedLabel, ModelProvenance, device_uid_for
 from tests.fixtures_ct import CTPhantom, assert_dciodvfy_clean, make_ct_phantom
+from worker.outputs import key_image_render
 from worker.outputs.dicom_sr import ClassificationFinding
 from worker.outputs.key_image import (
     SECONDARY_CAPTURE_STORAGE,
     build_classification_key_image,
     build_segmentation_key_image,
+    classification_key_image_png,
     key_image_png,
     key_slice_index,
     write_key_image_and_read_back,
@@ -178,3 +181,120 @@ def test_key_image_refuses_bad_input(tmp_path: Path, phantom: CTPhantom) -> None
     with pytest.raises(ValueError):
         write_key_image_and_read_back(source, target)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- rendering, exactly
+
+
+def _reference_display(source: Dataset, window: tuple[float, float] | None) -> np.ndarray:
+    """The key image's gray levels computed pixel by pixel, in float64, as first written."""
+    values = np.asarray(apply_modality_lut(source.pixel_array, source), dtype=np.float64)
+    if window is None:
+        if source.Modality == "CT":
+            window = (40.0, 400.0)
+        elif "WindowCenter" in source and float(source.WindowWidth) > 1:
+            window = (float(source.WindowCenter), float(source.WindowWidth))
+        else:
+            low, high = np.percentile(values, [0.5, 99.5])
+            window = (float(low + high) / 2.0, max(float(high - low), 1.0))
+    center, width = window
+    scaled = np.clip((values - (center - width / 2.0)) / width, 0.0, 1.0)
+    if source.PhotometricInterpretation == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return np.round(scaled * 255.0).astype(np.uint8)
+
+
+def _synthetic(
+    pixels: np.ndarray, *, modality: str = "CR", photometric: str = "MONOCHROME2", **extra: object
+) -> Dataset:
+    ds = Dataset()
+    ds.Modality, ds.PhotometricInterpretation = modality, photometric
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.BitsAllocated = ds.BitsStored = 8 * pixels.dtype.itemsize
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    return ds
+
+
+def _rendering_cases() -> list[tuple[str, Dataset, tuple[float, float] | None]]:
+    rng = np.random.default_rng(3)
+    smooth = rng.normal(2000, 600, (300, 260)).clip(0, 4095).astype(np.uint16)
+    signed = rng.normal(0, 900, (200, 220)).clip(-1024, 3071).astype(np.int16)
+    return [
+        ("percentile window", _synthetic(smooth), None),
+        ("its own window", _synthetic(smooth, WindowCenter=1800, WindowWidth=1500), None),
+        ("window given", _synthetic(smooth), (2100.0, 900.0)),
+        ("MONOCHROME1", _synthetic(smooth, photometric="MONOCHROME1"), None),
+        (
+            "signed CT, rescaled",
+            _synthetic(signed, modality="CT", RescaleSlope=1.5, RescaleIntercept=-20),
+            None,
+        ),
+        ("signed, percentiles", _synthetic(signed), None),
+        ("8-bit", _synthetic(rng.integers(0, 256, (64, 80), dtype=np.uint8)), None),
+    ]
+
+
+@pytest.mark.parametrize(("what", "source", "window"), _rendering_cases())
+def test_display_levels_are_those_of_every_pixel(
+    what: str, source: Dataset, window: tuple[float, float] | None
+) -> None:
+    assert np.array_equal(
+        key_image_render._display(source, window), _reference_display(source, window)
+    )
+
+
+def test_the_real_chest_cr_is_displayed_as_pixel_by_pixel() -> None:
+    source = _real("RG1_UNCR.dcm")
+    assert np.array_equal(key_image_render._display(source, None), _reference_display(source, None))
+
+
+@pytest.mark.parametrize("shape", [(2048, 2048), (1955, 1841), (3100, 2500), (1100, 700)])
+def test_reduction_is_the_block_mean(shape: tuple[int, int]) -> None:
+    gray = np.random.default_rng(5).integers(0, 256, shape, dtype=np.uint8)
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[100:400, 50:300] = 1
+    reduced, reduced_mask = key_image_render._resize(gray, mask)
+    k = -(-max(shape) // 1024)
+    r, c = shape[0] // k, shape[1] // k
+    blocks = gray[: r * k, : c * k].reshape(r, k, c, k)
+    assert np.array_equal(reduced, np.round(blocks.mean(axis=(1, 3))).astype(np.uint8))
+    assert reduced_mask is not None and reduced_mask.shape == (r, c) and reduced_mask.any()
+
+
+def _reference_caption(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
+    """The caption blended over the whole image, in float64, as first written."""
+    overlay = np.asarray(
+        key_image_render._caption_overlay(rgb.shape[0], rgb.shape[1], lines), dtype=np.float64
+    )
+    alpha = overlay[..., 3:] / 255.0
+    blended = rgb * (1.0 - alpha) + overlay[..., :3] * alpha
+    return np.round(blended).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(1024, 1024), (977, 920), (256, 256), (60, 300)])
+def test_the_caption_is_blended_as_over_the_whole_image(rows: int, columns: int) -> None:
+    lines = ["AI finding: Pneumonia (probability 0.83)", "cxr-resnet18 0.1.0", "DEMO WEIGHTS"]
+    gray = np.random.default_rng(1).integers(0, 256, (rows, columns), dtype=np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    expected = _reference_caption(rgb, lines)
+    burned = key_image_render._burn_caption(rgb.copy(), lines)
+    assert np.array_equal(burned, expected)
+    assert not np.array_equal(burned, rgb)
+
+
+def test_the_classification_png_is_the_key_images_picture() -> None:
+    source = _real("RG1_UNCR.dcm")
+    finding = ClassificationFinding(
+        label=CodedLabel("pneumonia", "233604007", "SCT", "Pneumonia"), probability=0.83
+    )
+    provenance = _provenance("cxr-resnet18")
+    image = build_classification_key_image(source, finding, provenance, content_datetime=WHEN)
+    png = classification_key_image_png(source, finding, provenance)
+    assert png == key_image_png(image)

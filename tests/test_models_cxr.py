@@ -20,13 +20,13 @@ from models.card import CARD_FILE, ModelCard, ModelLoadError, read_model_card
 from models.cxr import CXR_LABELS, CxrClassifier, image_from_dataset, to_model_input
 from models.cxr.classifier import LUNG_CANCER, NORMAL, PNEUMONIA
 from models.cxr.preprocess import (
-    percentiles_of_levels,
     preprocess_dataset,
     preprocess_datasets,
     robust_window,
 )
 from models.cxr.synthetic import CLASSES, CR_IMAGE_STORAGE, generate_radiograph, make_cxr_dataset
 from models.cxr.train import MODEL_NAME, MODEL_VERSION, train_demo
+from models.levels import percentiles_of_levels
 
 
 def _cxr(label: str = "normal", seed: int = 0, **kwargs: object) -> Dataset:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from models.levels import percentiles_of_levels
+
 #: Identifier of this preprocessing, recorded in model cards and checked when a model loads.
 PREPROCESSING_ID = "carebridge.cxr.preprocess/1"
 
@@ -110,34 +112,6 @@ def robust_window(values: np.ndarray) -> np.ndarray:
 
 #: Largest stored-value range mapped through a lookup table instead of pixel by pixel.
 _MAX_LUT_LEVELS = 2**17
-
-
-def percentiles_of_levels(
-    levels: np.ndarray, counts: np.ndarray, percentiles: tuple[float, ...]
-) -> tuple[float, ...]:
-    """``np.percentile`` (method "linear") of the values ``levels[i]`` taken ``counts[i]`` times.
-
-    The same result as ``np.percentile`` on the full array, from its histogram: the two
-    order statistics around each virtual index are looked up in the cumulative counts
-    and interpolated with numpy's own formula (``numpy.lib._function_base_impl._lerp``).
-    """
-    order = np.argsort(levels, kind="stable")
-    ranked = levels[order]
-    cumulative = np.cumsum(counts[order])
-    n = int(cumulative[-1])
-    quantiles = np.true_divide(np.asarray(percentiles, dtype=np.float64), 100)
-    virtual = (n - 1) * quantiles
-    previous = np.clip(np.floor(virtual), 0, n - 1).astype(np.intp)
-    following = np.clip(previous + 1, 0, n - 1)
-    following[virtual >= n - 1] = n - 1
-    gamma = virtual - np.floor(virtual)
-    # The k-th smallest value (0-based) is the first level whose cumulative count > k.
-    a = ranked[np.searchsorted(cumulative, previous, side="right")]
-    b = ranked[np.searchsorted(cumulative, following, side="right")]
-    diff = b - a
-    out = np.add(a, diff * gamma)
-    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe")
-    return tuple(float(v) for v in out)
 
 
 def _finish(image: np.ndarray, photometric: str) -> np.ndarray:

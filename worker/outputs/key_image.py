@@ -49,6 +49,7 @@ __all__ = [
     "SECONDARY_CAPTURE_STORAGE",
     "build_classification_key_image",
     "build_segmentation_key_image",
+    "classification_key_image_png",
     "key_image_png",
     "key_slice_index",
     "write_key_image_and_read_back",
@@ -251,13 +252,9 @@ def build_classification_key_image(
     The caption gives the finding's code meaning and probability, the model and its
     status. Other arguments as in :func:`build_segmentation_key_image`.
     """
-    heading = (
-        f"AI finding: {finding.label.code_meaning} (probability {float(finding.probability):.2f})"
-    )
-    rgb = render_key_image(source, None, [heading, *_provenance_lines(provenance)], window)
     return _secondary_capture(
         source,
-        rgb,
+        _classification_rendering(source, finding, provenance, window),
         provenance,
         what="classification",
         series_number=series_number,
@@ -266,6 +263,29 @@ def build_classification_key_image(
         sop_instance_uid=sop_instance_uid,
         content_datetime=content_datetime,
     )
+
+
+def _classification_rendering(
+    source: Dataset,
+    finding: ClassificationFinding,
+    provenance: ModelProvenance,
+    window: tuple[float, float] | None,
+) -> np.ndarray:
+    heading = (
+        f"AI finding: {finding.label.code_meaning} (probability {float(finding.probability):.2f})"
+    )
+    return render_key_image(source, None, [heading, *_provenance_lines(provenance)], window)
+
+
+def classification_key_image_png(
+    source: Dataset,
+    finding: ClassificationFinding,
+    provenance: ModelProvenance,
+    *,
+    window: tuple[float, float] | None = None,
+) -> bytes:
+    """The picture of :func:`build_classification_key_image` as PNG, without the DICOM."""
+    return rgb_png(_classification_rendering(source, finding, provenance, window))
 
 
 def key_image_png(image: Dataset) -> bytes:

@@ -19,7 +19,7 @@ from worker.outputs.dicom_sr import (
     write_and_read_back,
 )
 from worker.outputs.fhir import Coding, Concept, ImagingFinding, SubjectRef, imaging_report
-from worker.outputs.key_image import build_classification_key_image, key_image_png
+from worker.outputs.key_image import classification_key_image_png
 from worker.pipelines.fhir_output import result_context, write_fhir_output
 from worker.results import (
     WrittenOutput,
@@ -159,9 +159,7 @@ def run_cxr_classification(runtime: Runtime, job: ClaimedJob) -> list[int]:
                 sop_instance_uid=sop_uid,
             ),
             # What a clinician sees in the EHR: the image with the finding burned in.
-            rendering_png=key_image_png(
-                build_classification_key_image(datasets[0], stored_finding, provenance)
-            ),
+            rendering_png=classification_key_image_png(datasets[0], stored_finding, provenance),
         )
         written.append(write_fhir_output(runtime, result_id, [report]))
         timings["fhir_ms"] = (time.perf_counter() - clock) * 1000
