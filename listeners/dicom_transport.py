@@ -21,9 +21,12 @@ only the waiting is replaced, on acceptor associations of carebridge's server.
 Socket reads are also done with ``recv_into`` a buffer of the PDU's size instead of
 pynetdicom's 4 KiB ``recv`` calls appended one by one; a P-DATA-TF PDU's presentation data
 values are handed to DIMSE as views of that buffer (pynetdicom copies the PDU twice and
-builds an object per value); and a plain C-STORE response (a status, no error comment or
-offending element) is encoded directly, in the bytes pynetdicom's general message
-encoder writes for it, without building a pydicom dataset and encoding it twice.
+builds an object per value); a C-STORE request's command set is decoded directly; and a
+plain C-STORE response (a status, no error comment or offending element) is encoded
+directly, in the bytes pynetdicom's general message encoder writes for it, without
+building a pydicom dataset and encoding it twice, and sent without a detour through the
+DUL thread. New associations copy the server's presentation contexts without
+``deepcopy``.
 """
 
 from __future__ import annotations
@@ -318,6 +321,12 @@ class _BufferedSocket(AssociationSocket):
     """
 
     _PREALLOCATE = 1 << 20
+    _send_lock: threading.Lock  # set by make_event_driven
+
+    def send(self, bytestream: bytes) -> None:
+        # The DUL thread and, for C-STORE responses, the association thread send.
+        with self._send_lock:
+            super().send(bytestream)
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
@@ -476,7 +485,9 @@ class DirectResponseDIMSE(DIMSEServiceProvider):
       PDUs) are joined once into the request's ``DataSet``. Any other message, and every
       message while someone has bound ``EVT_DIMSE_RECV`` or pynetdicom is set to spool
       data sets to files, goes through pynetdicom's decoder.
-    * A plain C-STORE response is encoded directly (:func:`encode_c_store_response`).
+    * A plain C-STORE response is encoded directly (:func:`encode_c_store_response`) and,
+      on a plain TCP association in data transfer, written on the association's own
+      thread instead of being queued for the DUL thread.
     """
 
     _incoming: _IncomingStore | None = None
@@ -533,10 +544,46 @@ class DirectResponseDIMSE(DIMSEServiceProvider):
         ):
             super().send_msg(primitive, context_id)
             return
-        pdata = P_DATA()
         # Message Control Header 0x03: a command, its last fragment (PS3.8 E.2).
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+        value = b"\x03" + encoded
+        if self._send_directly(context_id, value):
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, value))
         self.dul.send_pdu(pdata)
+
+    def _send_directly(self, context_id: int, value: bytes) -> bool:
+        """Write the P-DATA-TF PDU of one value on this thread; False when it must queue.
+
+        pynetdicom hands every PDU to the DUL thread to send, a thread switch each way for
+        every C-STORE. While the association transfers data (state Sta6), nothing else is
+        queued to send (which would have to go first), the socket is plain TCP (an SSL
+        object must not be used by two threads at once) and nobody listens for PDU-level
+        events, the PDU the DUL would write (DT-1, staying in Sta6) is written here, under
+        the socket's send lock.
+        """
+        dul = self.dul
+        sock = dul.socket
+        if (
+            not isinstance(sock, _BufferedSocket)
+            or isinstance(sock.socket, ssl.SSLSocket)
+            or dul.state_machine.current_state != "Sta6"
+            or dul.to_provider_queue.qsize()
+            or any(self.assoc.get_handlers(event) for event in _SEND_EVENTS)
+        ):
+            return False
+        sock.send(encode_p_data_tf(context_id, value))
+        return True
+
+
+#: Events pynetdicom triggers on the DUL thread when it sends a PDU.
+_SEND_EVENTS = (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_FSM_TRANSITION)
+
+
+def encode_p_data_tf(context_id: int, value: bytes) -> bytes:
+    """A P-DATA-TF PDU (PS3.8 9.3.5) holding one presentation data value."""
+    item = struct.pack(">IB", len(value) + 1, context_id) + value
+    return struct.pack(">BBI", _P_DATA_TF, 0x00, len(item)) + item
 
 
 def make_event_driven(assoc: Association) -> None:
@@ -557,6 +604,8 @@ def make_event_driven(assoc: Association) -> None:
     assoc._activity = activity
     if dul.socket is not None:
         dul.socket.__class__ = _BufferedSocket
+        assert isinstance(dul.socket, _BufferedSocket)
+        dul.socket._send_lock = threading.Lock()
 
 
 #: What a pynetdicom presentation context holds: IDs, UIDs (immutable strings), flags, and

@@ -24,7 +24,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu import P_DATA_TF
@@ -41,6 +41,7 @@ from listeners.dicom_transport import (
     decode_c_store_request,
     decode_p_data,
     encode_c_store_response,
+    encode_p_data_tf,
 )
 from tests.peers import free_port
 from worker.settings import load_settings
@@ -467,3 +468,83 @@ def test_each_association_negotiates_on_its_own_copy(scp_port: int) -> None:
     assert [cx.abstract_syntax for cx in second.accepted_contexts] == [Verification]
     assert [cx.result for cx in second.rejected_contexts] == [0x04]  # transfer syntax refused
     second.release()
+
+
+# ------------------------------------------------------ responses sent on the association
+
+
+class _SendingDUL:
+    def __init__(self, sock: _BufferedSocket | None, state: str = "Sta6") -> None:
+        self.socket = sock
+        self.state_machine = type("FSM", (), {"current_state": state})()
+        self.to_provider_queue: queue.Queue[object] = queue.Queue()
+        self.event_queue: queue.Queue[str] = queue.Queue()
+
+    def send_pdu(self, primitive: object) -> None:
+        self.to_provider_queue.put(primitive)
+
+
+class _SendingAssociation:
+    def __init__(self, dul: _SendingDUL, bound: tuple[object, ...] = ()) -> None:
+        self.dul = dul
+        self.bound = bound
+        self.is_requestor = False
+        self.requestor = type("Requestor", (), {"maximum_length": 16382})()
+
+    def get_handlers(self, event: object) -> list[object]:
+        return [print] if event in self.bound else []
+
+
+def _connected_socket() -> tuple[_BufferedSocket, socket.socket]:
+    ours, peer = socket.socketpair()
+    sock = _reader(ours)
+    sock._send_lock = threading.Lock()
+    return sock, peer
+
+
+def test_a_p_data_tf_pdu_is_encoded_as_pynetdicom_encodes_it() -> None:
+    value = b"\x03" + _pynetdicom_command_set(_response(0, CTImageStorage, "1.2.3.4"))
+    primitive = P_DATA()
+    primitive.presentation_data_value_list.append((5, value))
+    assert encode_p_data_tf(5, value) == P_DATA_TF(primitive).encode()
+
+
+def test_a_response_is_written_on_the_associations_thread() -> None:
+    sock, peer = _connected_socket()
+    dul = _SendingDUL(sock)
+    association = _SendingAssociation(dul)
+    sock._assoc = association  # type: ignore[assignment]
+    dimse = DirectResponseDIMSE(association)  # type: ignore[arg-type]
+    response = _response(0, CTImageStorage, "1.2.3.4")
+    dimse.send_msg(response, 3)
+    assert dul.to_provider_queue.empty()
+    expected = encode_p_data_tf(3, b"\x03" + _pynetdicom_command_set(response))
+    peer.settimeout(5)
+    assert peer.recv(65536) == expected
+    peer.close()
+
+
+@pytest.mark.parametrize(
+    ("state", "bound", "queued"),
+    [
+        ("Sta13", (), False),  # not in data transfer
+        ("Sta6", (evt.EVT_PDU_SENT,), False),  # someone wants the PDUs
+        ("Sta6", (evt.EVT_FSM_TRANSITION,), False),
+        ("Sta6", (), True),  # something already waits to be sent
+    ],
+)
+def test_otherwise_the_response_is_queued_for_the_dul(
+    state: str, bound: tuple[object, ...], queued: bool
+) -> None:
+    sock, peer = _connected_socket()
+    dul = _SendingDUL(sock, state)
+    if queued:
+        dul.to_provider_queue.put("earlier")
+    dimse = DirectResponseDIMSE(_SendingAssociation(dul, bound))  # type: ignore[arg-type]
+    dimse.send_msg(_response(0, CTImageStorage, "1.2.3.4"), 3)
+    items = [dul.to_provider_queue.get_nowait() for _ in range(dul.to_provider_queue.qsize())]
+    assert isinstance(items[-1], P_DATA)
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer.recv(65536)  # nothing written on this thread
+    peer.close()

@@ -28,6 +28,7 @@ from listeners.dicom import (
     scan_dataset,
 )
 from tests.fixtures_dicom import CR_IMAGE_STORAGE, make_cr_dataset
+from tests.harness import wait_until
 from tests.peers import free_port
 from worker.settings import load_settings
 
@@ -198,15 +199,17 @@ def test_unknown_calling_ae_rejected_and_audited(tmp_path: Path) -> None:
         assoc = running.associate(calling="ORTHANC")
         assert assoc.is_established  # type: ignore[attr-defined]
         assoc.release()  # type: ignore[attr-defined]
-        with running.database.session() as session:
-            rejected = (
-                session.execute(
+
+        def rejected_calling_aes() -> list[str]:
+            with running.database.session() as session:
+                rejected = session.execute(
                     select(AuditEvent).where(AuditEvent.event_type == "dicom.association_rejected")
-                )
-                .scalars()
-                .all()
-            )
-        assert [e.detail["calling_ae"] for e in rejected] == ["INTRUDER", "ORTHANC"]
+                ).scalars()
+                return [e.detail["calling_ae"] for e in rejected]
+
+        # The rejection is audited by the listener after it has answered the peer.
+        wait_until(lambda: len(rejected_calling_aes()) >= 2, timeout=10, what="the audit rows")
+        assert rejected_calling_aes() == ["INTRUDER", "ORTHANC"]
     finally:
         running.stop()
 
