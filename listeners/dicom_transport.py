@@ -24,9 +24,10 @@ values are handed to DIMSE as views of that buffer (pynetdicom copies the PDU tw
 builds an object per value); a C-STORE request's command set is decoded directly; and a
 plain C-STORE response (a status, no error comment or offending element) is encoded
 directly, in the bytes pynetdicom's general message encoder writes for it, without
-building a pydicom dataset and encoding it twice, and sent without a detour through the
-DUL thread. New associations copy the server's presentation contexts without
-``deepcopy``.
+building a pydicom dataset and encoding it twice. A C-STORE request is served on the DUL
+thread that assembled it (which has nothing to do but wait for the answer) and its
+response written there, instead of two thread hand-overs. New associations copy the
+server's presentation contexts without ``deepcopy``.
 """
 
 from __future__ import annotations
@@ -261,6 +262,7 @@ class EventDrivenAssociation(Association):
     """pynetdicom's acceptor loop, waiting on an event instead of sleeping each turn."""
 
     _activity: threading.Event
+    _serving: threading.Lock  # held while a request is served, on either thread
 
     def _run_reactor(self) -> None:
         self._is_paused = False
@@ -278,7 +280,8 @@ class EventDrivenAssociation(Association):
             context_id, msg = self.dimse.get_msg(block=False)
             idle = msg is None
             if msg is not None:
-                self._serve_request(msg, context_id)  # type: ignore[arg-type]
+                with self._serving:
+                    self._serve_request(msg, context_id)  # type: ignore[arg-type]
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
@@ -526,13 +529,42 @@ class DirectResponseDIMSE(DIMSEServiceProvider):
                 request = incoming.request
                 request.DataSet = BytesIO(b"".join(incoming.fragments))
                 request._context_id = context_id
-                self.msg_queue.put((context_id, request))
+                if not self._serve_here(request, context_id):
+                    self.msg_queue.put((context_id, request))
                 rest = values[index + 1 :]
                 if rest:  # the next message began in the same PDU
                     following = P_DATA()
                     following.presentation_data_value_list.extend(rest)
                     self.receive_primitive(following)
                 return
+
+    def _serve_here(self, request: C_STORE, context_id: int) -> bool:
+        """Serve a C-STORE request on this (the DUL) thread; False to queue it instead.
+
+        pynetdicom queues every request for the association's own thread, which wakes,
+        serves it and queues the response back: two thread switches per C-STORE, while
+        the DUL thread only waits (the peer sends nothing before the answer). The request
+        is served here when the association is established, nothing else is queued
+        (order) and the association's thread is not serving (it may still be returning
+        from the previous request). An error that escapes pynetdicom's handler guard
+        aborts the association, as an undecodable PDU does.
+        """
+        assoc = self.assoc
+        if (
+            not isinstance(assoc, EventDrivenAssociation)
+            or not assoc.is_established
+            or self.msg_queue.qsize()
+            or not assoc._serving.acquire(blocking=False)
+        ):
+            return False
+        try:
+            assoc._serve_request(request, context_id)
+        except Exception:
+            log.exception("C-STORE service error: aborting the association")
+            self.dul.event_queue.put("Evt19")
+        finally:
+            assoc._serving.release()
+        return True
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         encoded = encode_c_store_response(primitive)
@@ -602,6 +634,7 @@ def make_event_driven(assoc: Association) -> None:
     assoc.__class__ = EventDrivenAssociation
     assert isinstance(assoc, EventDrivenAssociation)
     assoc._activity = activity
+    assoc._serving = threading.Lock()
     if dul.socket is not None:
         dul.socket.__class__ = _BufferedSocket
         assert isinstance(dul.socket, _BufferedSocket)

@@ -548,3 +548,27 @@ def test_otherwise_the_response_is_queued_for_the_dul(
     with pytest.raises(BlockingIOError):
         peer.recv(65536)  # nothing written on this thread
     peer.close()
+
+
+def test_stores_and_echoes_interleave_on_one_association(scp_port: int, tmp_path: Path) -> None:
+    """C-STOREs are served on the DUL thread, C-ECHOs on the association's: in order."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp_port, ae_title="CAREBRIDGE")
+    assert assoc.is_established
+    study, series = generate_uid(), generate_uid()
+    sent = []
+    for index in range(6):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "INTERLEAVE", index
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        assert int(assoc.send_c_store(ds).Status) == 0x0000
+        assert int(assoc.send_c_echo().Status) == 0x0000
+        sent.append(ds.SOPInstanceUID)
+    assoc.release()
+    stored = {dcmread(path).SOPInstanceUID for path in (tmp_path / "archive").rglob("*.dcm")}
+    assert stored == set(sent)
