@@ -182,24 +182,27 @@ def main() -> None:
         # listener that has been running is; carebridge gets a fresh deployment per run.
         for port, called, _ in targets.values():
             storescu_rate(port, called, new_series(WARM_UP), 1)
+        # Round robin: every repeat runs each target once, so that the machine's drift
+        # (its speed varies by tens of percent over minutes) reaches all targets alike.
         for associations in (1, 4):
-            for name in names:
-                runs = []
-                for _ in range(args.repeat):
+            runs: dict[str, list[float]] = {name: [] for name in names}
+            for _ in range(args.repeat):
+                for name in names:
                     files = new_series(args.instances)
                     if name.startswith("carebridge"):
                         processes = 1 if name == "carebridge" else args.processes
                         deployment, pid = carebridge_listener(processes)
                         storescu_rate(deployment.dicom_port, "CAREBRIDGE", new_series(WARM_UP), 1)
-                        runs.append(
+                        runs[name].append(
                             storescu_rate(deployment.dicom_port, "CAREBRIDGE", files, associations)
                         )
                         memory.append(rss_kib(pid))
                         deployment.stop()
                     else:
                         port, called, _ = targets[name]
-                        runs.append(storescu_rate(port, called, files, associations))
-                rates[(name, associations)] = statistics.median(runs)
+                        runs[name].append(storescu_rate(port, called, files, associations))
+            for name in names:
+                rates[(name, associations)] = statistics.median(runs[name])
 
         print(
             f"\nIngest: {args.instances} CT instances 512x512 16-bit, dcmtk storescu "
