@@ -488,9 +488,10 @@ class DirectResponseDIMSE(DIMSEServiceProvider):
       PDUs) are joined once into the request's ``DataSet``. Any other message, and every
       message while someone has bound ``EVT_DIMSE_RECV`` or pynetdicom is set to spool
       data sets to files, goes through pynetdicom's decoder.
+    * The request is served on the DUL thread that assembled it (:meth:`_serve_here`).
     * A plain C-STORE response is encoded directly (:func:`encode_c_store_response`) and,
-      on a plain TCP association in data transfer, written on the association's own
-      thread instead of being queued for the DUL thread.
+      on a plain TCP association in data transfer, written by the thread that produced
+      it instead of being queued for the DUL thread's next turn.
     """
 
     _incoming: _IncomingStore | None = None
