@@ -11,6 +11,11 @@ targets are stated in. carebridge runs as
 fsynced and its row committed before the answer (SQLite WAL, synchronous=NORMAL: rows a
 power loss undoes are rebuilt from the files at the next start). Nothing here is a
 pass/fail test.
+
+Every target creates one file per instance, so the filesystem weighs on all of them: on
+ext4 without a journal, creating a file skips the inodes deleted in the last one to six
+minutes, one by one. Right after something deleted thousands of files (a test run, say)
+each create costs up to a millisecond more; run the bench a few minutes later.
 """
 
 from __future__ import annotations
