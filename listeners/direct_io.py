@@ -104,10 +104,9 @@ def write_parts(fd: int, parts: Sequence[bytes | memoryview]) -> bool:
             whole = filled - filled % ALIGNMENT
             if whole:
                 direct = _write_block(fd, view[:whole], direct)
-            if filled > whole:  # the last partial block, buffered
-                if direct:
-                    _set_direct(fd, False)
-                    direct = False
+            if direct:  # what follows (the last partial block, the caller's sync) is buffered
+                _set_direct(fd, False)
+            if filled > whole:
                 _write_fully(fd, view[whole:filled])
         finally:
             view.release()

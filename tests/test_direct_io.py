@@ -67,8 +67,9 @@ def test_new_file_holds_exactly_the_parts(tmp_path: Path, size: int) -> None:
     assert final.read_bytes() == _joined(parts)
 
 
-def test_direct_io_is_used_where_the_filesystem_takes_it(tmp_path: Path) -> None:
-    parts = _parts(525_132)
+@pytest.mark.parametrize("size", [525_132, 128 * direct_io.ALIGNMENT])
+def test_direct_io_is_used_where_the_filesystem_takes_it(tmp_path: Path, size: int) -> None:
+    parts = _parts(size)
     fd = os.open(tmp_path / "a.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         used = direct_io.write_parts(fd, parts)
