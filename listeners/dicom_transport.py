@@ -40,10 +40,14 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from io import BytesIO
+from pathlib import PurePath
+from types import TracebackType
 from typing import Any
 
 from pydicom.uid import UID
@@ -59,6 +63,25 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
 log = logging.getLogger("carebridge.dicom")
+
+
+def _where(
+    exc_info: tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None],
+) -> str:
+    """An exception's type and the file and line that raised it, without its message.
+
+    The message of an error raised while a request is decoded or served may quote the
+    request's values (a patient's name among them): it is not logged.
+    """
+    kind, _value, tb = exc_info
+    if kind is None:
+        return "unknown error"
+    frames = traceback.extract_tb(tb)
+    if not frames:
+        return kind.__name__
+    last = frames[-1]
+    return f"{kind.__name__} at {PurePath(last.filename).name}:{last.lineno} in {last.name}"
+
 
 # The longest a reactor waits without looking at its timers. pynetdicom's timers (ARTIM,
 # network idle) are in seconds, so a few milliseconds of lateness is invisible.
@@ -246,7 +269,7 @@ class EventDrivenDUL(DULServiceProvider):
 
     def _abort_after_error(self) -> None:
         """As pynetdicom does: an error in the reactor aborts the association."""
-        log.exception("DICOM upper layer error: aborting the association")
+        log.error("DICOM upper layer error (%s): aborting the association", _where(sys.exc_info()))
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = 0x00
@@ -561,7 +584,9 @@ class DirectResponseDIMSE(DIMSEServiceProvider):
         try:
             assoc._serve_request(request, context_id)
         except Exception:
-            log.exception("C-STORE service error: aborting the association")
+            log.error(
+                "C-STORE service error (%s): aborting the association", _where(sys.exc_info())
+            )
             self.dul.event_queue.put("Evt19")
         finally:
             assoc._serving.release()

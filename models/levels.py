@@ -9,7 +9,38 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["percentiles_of_levels"]
+__all__ = ["MAX_LUT_LEVELS", "level_index", "percentiles_of_levels", "stored_levels"]
+
+#: Largest stored-value range mapped through a lookup table instead of pixel by pixel.
+MAX_LUT_LEVELS = 2**17
+
+
+def stored_levels(stored: np.ndarray) -> tuple[int, int] | None:
+    """``(base, levels)`` of an integer image: its lowest stored level and how many it spans.
+
+    ``base`` is 0 for unsigned pixels (their index is the value itself) and the minimum for
+    signed ones. ``None`` where the pixels are not integers, there are none, or they span
+    more than :data:`MAX_LUT_LEVELS` levels (a table would cost more than it saves).
+    """
+    if stored.dtype.kind not in "iu" or stored.size == 0:
+        return None
+    base = 0 if stored.dtype.kind == "u" else int(stored.min())
+    levels = int(stored.max()) - base + 1
+    if levels > MAX_LUT_LEVELS:
+        return None
+    return base, levels
+
+
+def level_index(stored: np.ndarray, base: int, levels: int) -> np.ndarray:
+    """``stored - base`` as the narrowest unsigned integers that hold ``levels`` levels."""
+    if base == 0 and stored.dtype.kind == "u":
+        return stored
+    if stored.dtype.itemsize <= 2 and levels <= 2 ** (8 * stored.dtype.itemsize):
+        # Same-width unsigned arithmetic wraps modulo 2**bits; the difference lies in
+        # [0, levels), so the wrapped difference is the exact one.
+        unsigned = np.dtype(f"u{stored.dtype.itemsize}")
+        return np.subtract(stored.view(unsigned), np.array(base).astype(unsigned), dtype=unsigned)
+    return (stored.astype(np.int64) - base).astype(np.int32)
 
 
 def percentiles_of_levels(

@@ -572,3 +572,42 @@ def test_stores_and_echoes_interleave_on_one_association(scp_port: int, tmp_path
     assoc.release()
     stored = {dcmread(path).SOPInstanceUID for path in (tmp_path / "archive").rglob("*.dcm")}
     assert stored == set(sent)
+
+
+def test_a_service_error_is_logged_without_its_message(
+    scp_port: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error escaping the C-STORE service aborts the association; its message, which may
+    quote the request's values, is not logged: its type and where it was raised are."""
+    from listeners import dicom_transport
+
+    def fail(self: object, request: object, context_id: int) -> None:
+        raise ValueError("PatientName ZZCANARY^PHI cannot be served")
+
+    monkeypatch.setattr(dicom_transport.EventDrivenAssociation, "_serve_request", fail)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientName = "CT", "ZZCANARY^PHI"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with caplog.at_level("DEBUG", logger="carebridge"):
+        assoc = ae.associate("127.0.0.1", scp_port, ae_title="CAREBRIDGE")
+        assert assoc.is_established
+        status = assoc.send_c_store(ds)
+        deadline = time.monotonic() + 5
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert not status  # no response: the association was aborted
+    assert assoc.is_aborted
+    errors = [r.getMessage() for r in caplog.records if "C-STORE service error" in r.getMessage()]
+    assert errors == [
+        "C-STORE service error (ValueError at test_dicom_transport.py:"
+        f"{fail.__code__.co_firstlineno + 1} in fail): aborting the association"
+    ]
+    assert all(
+        "ZZCANARY" not in record.getMessage() and record.exc_info is None
+        for record in caplog.records
+    )

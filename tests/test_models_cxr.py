@@ -299,7 +299,7 @@ def test_windowing_each_level_once_equals_windowing_each_pixel(
 ) -> None:
     # Integer pixels are windowed level by level and looked up; with the lookup off
     # (no stored range is small enough) every pixel is windowed: the same values.
-    from models.cxr import preprocess
+    from models import levels
 
     stored = np.random.default_rng(13).integers(low, high, size=(150, 110)).astype(dtype)
     if "RescaleSlope" in attrs:
@@ -307,7 +307,7 @@ def test_windowing_each_level_once_equals_windowing_each_pixel(
     ds = _plain(stored, **attrs)
     by_level = image_from_dataset(ds)
     model_input = preprocess_dataset(ds, 64)
-    monkeypatch.setattr(preprocess, "_MAX_LUT_LEVELS", 0)
+    monkeypatch.setattr(levels, "MAX_LUT_LEVELS", 0)
     assert np.array_equal(by_level, image_from_dataset(ds))
     assert np.array_equal(model_input, preprocess_dataset(ds, 64))
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from models.levels import percentiles_of_levels
+from models.levels import level_index, percentiles_of_levels, stored_levels
 
 #: Identifier of this preprocessing, recorded in model cards and checked when a model loads.
 PREPROCESSING_ID = "carebridge.cxr.preprocess/1"
@@ -110,10 +110,6 @@ def robust_window(values: np.ndarray) -> np.ndarray:
     return _scale(values, float(lo), float(hi))
 
 
-#: Largest stored-value range mapped through a lookup table instead of pixel by pixel.
-_MAX_LUT_LEVELS = 2**17
-
-
 def _finish(image: np.ndarray, photometric: str) -> np.ndarray:
     image = np.clip(image.astype(np.float32, copy=False), 0.0, 1.0)
     if photometric == "MONOCHROME1":
@@ -135,18 +131,6 @@ class _LevelLookup:
     def image(self) -> np.ndarray:
         """The full-size float32 image."""
         return self.table[self.index]
-
-
-def _level_index(stored: np.ndarray, base: int, levels: int) -> np.ndarray:
-    """``stored - base`` as the narrowest unsigned integers that hold ``levels`` levels."""
-    if base == 0 and stored.dtype.kind == "u":
-        return stored
-    if stored.dtype.itemsize <= 2 and levels <= 2 ** (8 * stored.dtype.itemsize):
-        # Same-width unsigned arithmetic wraps modulo 2**bits; the difference lies in
-        # [0, levels), so the wrapped difference is the exact one.
-        unsigned = np.dtype(f"u{stored.dtype.itemsize}")
-        return np.subtract(stored.view(unsigned), np.array(base).astype(unsigned), dtype=unsigned)
-    return (stored.astype(np.int64) - base).astype(np.int32)
 
 
 def _level_counts(index: np.ndarray, levels: int) -> np.ndarray:
@@ -191,15 +175,12 @@ def _level_lookup(stored: np.ndarray, ds: pydicom.Dataset, photometric: str) -> 
     from the dataset or the histogram, so the result equals the pixel-by-pixel one.
     ``None`` where the pixels are not integers or span too many levels.
     """
-    if stored.dtype.kind not in "iu" or stored.size == 0:
+    span = stored_levels(stored)
+    if span is None:
         return None
-    base = 0 if stored.dtype.kind == "u" else int(stored.min())
-    top = int(stored.max())
-    levels = top - base + 1
-    if levels > _MAX_LUT_LEVELS:
-        return None
-    index = _level_index(stored, base, levels)
-    values = apply_modality_lut(np.arange(base, top + 1).astype(stored.dtype), ds)
+    base, levels = span
+    index = level_index(stored, base, levels)
+    values = apply_modality_lut(np.arange(base, base + levels).astype(stored.dtype), ds)
     if _has_voi_lut(ds) or _has_window(ds):
         table = _voi_window(values, ds)
     else:

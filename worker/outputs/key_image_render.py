@@ -19,14 +19,13 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
-from models.levels import percentiles_of_levels
+from models.levels import level_index, percentiles_of_levels, stored_levels
 
 __all__ = ["render_key_image", "rgb_png"]
 
 _SOFT_TISSUE_WINDOW = (40.0, 400.0)  # (center, width) HU: shows the liver against fat
 _MAX_SIDE = 1024  # larger sources are reduced: a key image is for viewing, not measuring
 _MIN_SIDE = 256  # smaller ones are enlarged so that the caption stays readable
-_MAX_LUT_LEVELS = 2**17  # integer images with more stored levels are windowed pixel by pixel
 _OUTLINE_RGB = (255, 255, 0)
 _TEXT_RGB = "#ffff00"
 
@@ -75,19 +74,18 @@ def _display(source: Dataset, window: tuple[float, float] | None) -> np.ndarray:
     stored = source.pixel_array
     photometric = str(source.get("PhotometricInterpretation", ""))
     window = window or _stored_window(source)
-    if stored.dtype.kind in "iu" and stored.size:
-        base = 0 if stored.dtype.kind == "u" else int(stored.min())
-        top = int(stored.max())
-        if top - base < _MAX_LUT_LEVELS:
-            index = stored if base == 0 else stored.astype(np.int64) - base
-            levels = np.arange(base, top + 1).astype(stored.dtype)
-            values = np.asarray(apply_modality_lut(levels, source), dtype=np.float64)
-            if window is None:
-                counts = np.bincount(index.ravel(), minlength=len(levels))
-                present = counts > 0
-                low, high = percentiles_of_levels(values[present], counts[present], (0.5, 99.5))
-                window = _robust_window(low, high)
-            return _to_gray(values, window, photometric)[index]
+    span = stored_levels(stored)
+    if span is not None:
+        base, levels = span
+        index = level_index(stored, base, levels)
+        table = np.arange(base, base + levels).astype(stored.dtype)
+        values = np.asarray(apply_modality_lut(table, source), dtype=np.float64)
+        if window is None:
+            counts = np.bincount(index.ravel(), minlength=levels)
+            present = counts > 0
+            low, high = percentiles_of_levels(values[present], counts[present], (0.5, 99.5))
+            window = _robust_window(low, high)
+        return _to_gray(values, window, photometric)[index]
     values = np.asarray(apply_modality_lut(stored, source), dtype=np.float64)
     if window is None:
         low, high = np.percentile(values, [0.5, 99.5])
