@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/inference.py [--models-dir DIR] [--repeats 3] [--ct-shape 100,512,512]
         [--ct-spacing 2.5,0.8,0.8] [--cxr-size 2048] [--device cpu] [--threads 0]
-        [--only cxr|liver] [--no-reference]
+        [--only cxr|liver] [--no-reference] [--networks demo|reference|both] [--default-malloc]
 
 Both imaging pipelines run here as a worker runs them, without the database, the queue and the
-PACS. Chest X-ray: a two-image study of generated 16-bit radiographs (``--cxr-size`` square) is
-read, decoded, preprocessed, classified, reported as a TID 1500 SR and written and read back.
-Liver: a generated CT phantom series is read, made a volume, segmented, and its DICOM SEG, volume
-SR and key image are built and each written and read back. The bare forward is what any MONAI
+PACS, and with the worker's allocator settings (:func:`worker.memory.keep_freed_memory`;
+``--default-malloc`` leaves glibc's defaults, under which both the pipeline and the bare forward
+fault their buffers in again on every call). Chest X-ray: a two-image study of generated 16-bit
+radiographs (``--cxr-size`` square) is read, decoded, preprocessed, classified, reported as a
+TID 1500 SR and written and read back. Liver: a generated CT phantom series is read, made a
+volume, segmented, and its DICOM SEG, volume SR and key image are built and each written and
+read back. The bare forward is what any MONAI
 user runs on the input the pipeline prepared: the ResNet-18 on the preprocessed batch, and the
 3-D U-Net's ``sliding_window_inference`` (same ROI, overlap and blending) on the resampled,
 windowed model-grid volume. Model loading is left out (a worker loads a model once). End to end
@@ -19,6 +22,16 @@ also timed at sw_batch_size 1 and 4, and the CXR batch through an untrained ResN
 MONAI's default stride-1 stem for reference. Peak RSS is this process's (the inputs are
 generated in a child process). Without --models-dir quick demo models are trained first
 (their accuracy is not the demo models'). Nothing here is a pass/fail test.
+
+``--networks reference`` runs both pipelines instead with networks of the sizes the seed and
+the issue measured: MONAI's ResNet-18 with its default stride-1 stem (the seed's classifier),
+untrained and loaded the way a hospital's own model loads, as a MONAI bundle (what it
+classifies does not change the pipeline's work); and a 3-D U-Net of channels 16-256 on a
+2.5 x 1.6 x 1.6 mm grid, which makes the default phantom a 100 x 256 x 256 volume (the issue's
+reference is 128 x 256 x 256), trained for a few minutes on generated phantoms by the demo's
+training so that its mask is a liver's, if a rough one (its held-out Dice is printed). The
+work outside the forward is the same code; only the network's share grows. ``--networks
+both`` runs the demo models, then these.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import multiprocessing
 import os
 import resource
@@ -47,13 +61,16 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.cxr.classifier import INPUT_SIZE, CxrClassifier
+from models.cxr.classifier import CXR_LABELS, INPUT_SIZE, CxrClassifier
 from models.cxr.preprocess import preprocess_datasets
 from models.cxr.synthetic import make_cxr_dataset
-from models.segmentation.infer import SW_OVERLAP, LiverSegmenter, SegmentationResult
+from models.segmentation.infer import SW_OVERLAP, InputSpec, LiverSegmenter, SegmentationResult
+from models.segmentation.network import DEMO_ARCHITECTURE
 from models.segmentation.phantom import write_phantom_series
 from models.segmentation.preprocess import prepare_image
+from models.segmentation.train import train_demo
 from models.segmentation.volume import load_ct_series, sort_datasets
+from worker.memory import keep_freed_memory
 from worker.outputs.dicom_seg import build_liver_seg, write_seg_and_read_back
 from worker.outputs.dicom_sr import (
     ClassificationFinding,
@@ -76,6 +93,19 @@ CXR_MODEL = "cxr-resnet18"
 LIVER_MODEL = "liver-unet3d"
 TARGET_RATIO = 1.5
 DEMO_OPTIONS = ("--only", "cxr,liver", "--quick")
+#: ``--networks reference``: the liver network and grid of the issue's reference size.
+REFERENCE_LIVER_ARCHITECTURE: dict[str, object] = {
+    **DEMO_ARCHITECTURE,
+    "channels": [16, 32, 64, 128, 256],
+    "strides": [2, 2, 2, 2],
+    "num_res_units": 2,
+}
+REFERENCE_LIVER_SPEC = InputSpec(
+    spacing_mm=(2.5, 1.6, 1.6), roi_size=(64, 96, 96), hu_window=(-200.0, 250.0)
+)
+#: Its short training on generated phantoms (a few minutes on two cores).
+REFERENCE_LIVER_CASES = (16, 2, 2)  # train, validation, held out
+REFERENCE_LIVER_EPOCHS = 25
 
 Stages = dict[str, float]
 
@@ -117,6 +147,78 @@ def _write_inputs(
             instance_number=number,
         )
         ds.save_as(root / "cxr" / f"CR{number}.dcm", enforce_file_format=True)
+
+
+def write_reference_cxr_bundle(out: Path) -> None:
+    """A MONAI bundle of an untrained ResNet-18 with MONAI's default stride-1 stem at ``out``.
+
+    Its metadata says what carebridge reads from a classification bundle (input, classes);
+    the weights are drawn with a fixed seed and the BatchNorm statistics spread, so that the
+    outputs vary with the input. What it classifies does not change the pipeline's work.
+    """
+    torch.manual_seed(0)
+    network = resnet18(spatial_dims=2, n_input_channels=1, num_classes=len(CXR_LABELS)).eval()
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    (out / "configs").mkdir(parents=True)
+    (out / "models").mkdir()
+    with torch.no_grad():
+        traced = torch.jit.trace(network, torch.zeros(1, 1, INPUT_SIZE, INPUT_SIZE))
+    traced.save(str(out / "models" / "model.pt"))
+    metadata = {
+        "name": "cxr-resnet18-stride1-untrained",
+        "version": "0.0.0",
+        "authors": "carebridge bench (untrained: for timing only)",
+        "task": "chest X-ray classification",
+        "network_data_format": {
+            "inputs": {"image": {"num_channels": 1, "spatial_shape": [INPUT_SIZE, INPUT_SIZE]}},
+            "outputs": {
+                "pred": {
+                    "type": "probabilities",
+                    "format": "classes",
+                    "num_channels": len(CXR_LABELS),
+                    "channel_def": {str(i): label.name for i, label in enumerate(CXR_LABELS)},
+                }
+            },
+        },
+    }
+    (out / "configs" / "metadata.json").write_text(json.dumps(metadata), encoding="utf-8")
+    (out / "configs" / "inference.json").write_text(
+        json.dumps({"bundle_root": ".", "network": "$@network_def"}), encoding="utf-8"
+    )
+
+
+def train_reference_liver(out: Path) -> None:
+    """A liver model of the reference size, trained briefly on generated phantoms, at ``out``.
+
+    The demo's training (``train_demo``) with the reference grid and network: its mask is
+    a liver's, if a rough one, so that the post-processing, SEG and SR do the work a real
+    model's output gives them. Its held-out Dice is in the card and printed.
+    """
+    train_demo(
+        out,
+        spec=REFERENCE_LIVER_SPEC,
+        architecture=REFERENCE_LIVER_ARCHITECTURE,
+        version="0.1.0-bench-reference",
+        train_cases=REFERENCE_LIVER_CASES[0],
+        val_cases=REFERENCE_LIVER_CASES[1],
+        test_cases=REFERENCE_LIVER_CASES[2],
+        epochs=REFERENCE_LIVER_EPOCHS,
+        patience=REFERENCE_LIVER_EPOCHS,
+    )
+
+
+def _in_child(target: Callable[..., object], *args: object) -> None:
+    """Run ``target(*args)`` in a spawned process: what it allocates does not count in this
+    process's peak RSS."""
+    child = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"{target.__name__} failed")
 
 
 def _peak_rss_mib() -> float:
@@ -415,50 +517,82 @@ def main() -> None:
         "--no-reference", action="store_true", help="skip the stride-1 ResNet-18 reference"
     )
     parser.add_argument("--only", choices=("cxr", "liver"), default=None)
+    parser.add_argument(
+        "--networks",
+        choices=("demo", "reference", "both"),
+        default="demo",
+        help="the demo models, untrained networks of the reference sizes as MONAI bundles, or both",
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc malloc's defaults instead of the worker's settings",
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = False if args.default_malloc else keep_freed_memory()
+    malloc = "freed memory kept (as in the worker)" if kept else "glibc defaults"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; "
+        f"malloc: {malloc}; "
         f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="carebridge-bench-") as tmp:
         root = Path(tmp)
         models_dir: Path = args.models_dir or root / "models"
-        if args.models_dir is None:
-            print("training quick demo models (cxr, liver) ...", flush=True)
-            subprocess.run(
-                [sys.executable, "-m", "listeners.cli", "models", "demo", *DEMO_OPTIONS],
-                env={**os.environ, "CAREBRIDGE_MODELS_DIR": str(models_dir)},
-                check=True,
-                capture_output=True,
+        model_sets: list[tuple[str, Path, Path]] = []
+        if args.networks in ("demo", "both"):
+            if args.models_dir is None:
+                print("training quick demo models (cxr, liver) ...", flush=True)
+                subprocess.run(
+                    [sys.executable, "-m", "listeners.cli", "models", "demo", *DEMO_OPTIONS],
+                    env={**os.environ, "CAREBRIDGE_MODELS_DIR": str(models_dir)},
+                    check=True,
+                    capture_output=True,
+                )
+            model_sets.append(("demo", models_dir / CXR_MODEL, models_dir / LIVER_MODEL))
+        if args.networks in ("reference", "both"):
+            refs = root / "reference"
+            print(
+                "writing an untrained stride-1 ResNet-18 as a MONAI bundle; training a "
+                "reference-size liver model (a few minutes) ...",
+                flush=True,
             )
+            _in_child(write_reference_cxr_bundle, refs / "cxr")
+            _in_child(train_reference_liver, refs / "liver")
+            model_sets.append(("reference", refs / "cxr", refs / "liver"))
         print("writing the CT phantom series and the CXR study ...", flush=True)
-        # A child process, so that generating them does not count in this process's peak RSS.
-        child = multiprocessing.get_context("spawn").Process(
-            target=_write_inputs, args=(root, args.ct_shape, args.ct_spacing, args.cxr_size)
-        )
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise SystemExit("writing the inputs failed")
+        _in_child(_write_inputs, root, args.ct_shape, args.ct_spacing, args.cxr_size)
         out = root / "out"
         out.mkdir()
         print(f"peak RSS before loading models: {_peak_rss_mib():.0f} MiB", flush=True)
-        if args.only in (None, "cxr"):
-            classifier = CxrClassifier.load(models_dir / CXR_MODEL, device=args.device)
-            print(f"CXR model: {classifier.card.name} {classifier.card.version}", flush=True)
-            files = sorted((root / "cxr").glob("*.dcm"))
-            run_cxr(classifier, files, out, args.repeats, reference=not args.no_reference)
-            del classifier
-        if args.only in (None, "liver"):
-            segmenter = LiverSegmenter.load(models_dir / LIVER_MODEL, device=args.device)
-            print(f"\nliver model: {segmenter.card.name} {segmenter.card.version}", flush=True)
-            files = sorted((root / "ct").glob("*.dcm"))
-            run_liver(segmenter, files, out, args.repeats)
+        for kind, cxr_dir, liver_dir in model_sets:
+            if args.only in (None, "cxr"):
+                classifier = CxrClassifier.load(cxr_dir, device=args.device)
+                print(
+                    f"\n[{kind}] CXR model: {classifier.card.name} {classifier.card.version}",
+                    flush=True,
+                )
+                files = sorted((root / "cxr").glob("*.dcm"))
+                reference = kind == "demo" and not args.no_reference
+                run_cxr(classifier, files, out, args.repeats, reference=reference)
+                del classifier
+            if args.only in (None, "liver"):
+                segmenter = LiverSegmenter.load(liver_dir, device=args.device)
+                heldout = segmenter.card.metrics.get("heldout")
+                dice = heldout.get("dice_mean") if isinstance(heldout, dict) else None
+                print(
+                    f"\n[{kind}] liver model: {segmenter.card.name} {segmenter.card.version}"
+                    + ("" if dice is None else f" (held-out Dice {dice})"),
+                    flush=True,
+                )
+                files = sorted((root / "ct").glob("*.dcm"))
+                run_liver(segmenter, files, out, args.repeats)
+                del segmenter
     print(f"\nload average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

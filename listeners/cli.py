@@ -387,6 +387,7 @@ def worker(
     settings = _settings()
     _database(settings).dispose()
     from worker.celery_app import QUEUES, make_celery
+    from worker.memory import keep_freed_memory
     from worker.runtime import configure
     from worker.tasks import register_tasks
 
@@ -400,6 +401,8 @@ def worker(
     n = concurrency or settings.worker_concurrency
     # Torch threads per process: the cores shared between the worker processes.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    # Before the pool forks: every study's buffers are reused, not faulted in again.
+    keep_freed_memory()
     celery.worker_main(
         [
             "worker",

@@ -26,14 +26,14 @@ from models.segmentation import (
 )
 from models.segmentation.data import phantom_case, read_dicom_seg_case, read_nifti_case
 from models.segmentation.evaluate import dice_hd95, evaluate_liver
-from models.segmentation.infer import LiverSegmenter
+from models.segmentation.infer import InputSpec, LiverSegmenter
 from models.segmentation.phantom import (
     make_phantom,
     phantom_origin,
     write_phantom_nifti,
     write_phantom_series,
 )
-from models.segmentation.train import MODEL_NAME, train_from_folder
+from models.segmentation.train import MODEL_NAME, train_demo, train_from_folder
 
 # A coarse grid keeps every phantom small: 192 x 307 x 307 mm in 60 x 96 x 96 voxels.
 SHAPE = (60, 96, 96)
@@ -283,6 +283,29 @@ def test_measurements() -> None:
         mean_hu(hu, np.zeros_like(mask))
     with pytest.raises(ValueError, match="shape"):
         mean_hu(hu[:-1], mask)
+
+
+@pytest.mark.parametrize("kind", ["bool", "uint8", "labels", "full", "one voxel"])
+def test_mean_hu_is_the_mean_of_the_selected_voxels(kind: str) -> None:
+    # Measured slice by slice without copies: the same mean as selecting every voxel.
+    rng = np.random.default_rng(3)
+    hu = rng.normal(50.0, 300.0, (12, 40, 30)).astype(np.float32)
+    mask: np.ndarray
+    if kind == "full":
+        mask = np.ones(hu.shape, dtype=np.uint8)
+    elif kind == "one voxel":
+        mask = np.zeros(hu.shape, dtype=bool)
+        mask[7, 3, 29] = True
+    else:
+        mask = rng.random(hu.shape) < 0.3
+        mask[:4] = False  # empty slices
+        mask[9] = True  # a whole slice
+        if kind == "uint8":
+            mask = mask.astype(np.uint8)
+        elif kind == "labels":  # any non-zero value counts
+            mask = mask * rng.integers(1, 255, hu.shape).astype(np.uint8)
+    expected = float(np.mean(hu[mask != 0], dtype=np.float64))
+    assert mean_hu(hu, mask) == pytest.approx(expected, rel=1e-12, abs=1e-9)
 
 
 def test_nifti_phantom_reads_back_on_its_grid(tmp_path: Path) -> None:
@@ -620,3 +643,35 @@ def test_dice_and_hd95_of_known_shapes() -> None:
     assert dice == pytest.approx(0.8)
     assert hd95 == pytest.approx(3.0)  # two voxels of 1.5 mm
     assert dice_hd95(np.zeros_like(truth), truth, (1.0, 1.0, 1.0)) == (0.0, None)
+
+
+def test_the_demo_training_takes_another_grid_and_network(tmp_path: Path) -> None:
+    """``train_demo`` with a grid and network of its caller's (as the inference benchmark
+    trains a reference-size model): the card says so, under its own version, and loads."""
+    spec = InputSpec(TINY["spacing_mm"], TINY["roi_size"], TINY["hu_window"])  # type: ignore[arg-type]
+    architecture = TINY["architecture"]
+    out = train_demo(
+        tmp_path / "model",
+        train_cases=2,
+        val_cases=1,
+        test_cases=1,
+        epochs=1,
+        patience=1,
+        spec=spec,
+        architecture=architecture,  # type: ignore[arg-type]
+        version="0.0.1-tiny",
+    )
+    card = read_model_card(out)
+    assert (card.name, card.version, card.demo) == (MODEL_NAME, "0.0.1-tiny", True)
+    assert card.architecture == architecture
+    assert InputSpec.from_card_input(card.input) == spec
+    assert (out / "evaluation.json").is_file()
+    segmenter = LiverSegmenter.load(out)
+    assert segmenter.spec == spec
+    with pytest.raises(ValueError, match="multiple of 4"):
+        train_demo(
+            tmp_path / "refused",
+            spec=InputSpec((8.0, 8.0, 8.0), (26, 40, 40), (-200.0, 250.0)),
+            architecture=architecture,  # type: ignore[arg-type]
+        )
+    assert not (tmp_path / "refused").exists()

@@ -45,9 +45,18 @@ def mean_hu(hu: np.ndarray, mask: np.ndarray) -> float:
     values = np.asarray(hu)
     if values.shape != arr.shape:
         raise ValueError(f"hu shape {values.shape} differs from mask shape {arr.shape}")
-    selected = arr != 0
-    count = int(np.count_nonzero(selected))
+    # Slice by slice: no mask-sized copy and no copy of the selected values (a liver, or
+    # a whole volume, can hold tens of millions of voxels); float64 accumulation.
+    total = 0.0
+    count = 0
+    for plane, plane_mask in zip(values, arr, strict=True):
+        selected = plane_mask if plane_mask.dtype == np.bool_ else plane_mask != 0
+        n = int(np.count_nonzero(selected))
+        if n == 0:
+            continue
+        count += n
+        chosen = plane if n == selected.size else plane[selected]
+        total += float(np.sum(chosen, dtype=np.float64))
     if count == 0:
         raise ValueError("mask is empty: there is no mean HU to measure")
-    # float64 accumulation: a liver holds millions of voxels.
-    return float(np.sum(values[selected], dtype=np.float64) / count)
+    return total / count

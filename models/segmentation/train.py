@@ -115,6 +115,9 @@ def train_demo(
     learning_rate: float = 2e-3,
     progress: Callable[[str], None] | None = None,
     bar: bool = False,
+    spec: InputSpec = DEMO_SPEC,
+    architecture: Mapping[str, Any] = DEMO_ARCHITECTURE,
+    version: str = DEMO_VERSION,
 ) -> Path:
     """Train the demo liver model on generated phantoms and write it to ``out_dir``.
 
@@ -124,14 +127,16 @@ def train_demo(
     ``val_cases`` of them. ``test_cases`` further phantoms on a clinical-like grid are then
     segmented through the whole inference path; their Dice and HD95 go into the card's metrics,
     ``evaluation.json`` and ``evaluation-overlay.png`` in the model directory. The card says
-    ``demo: true``. Returns ``out_dir``.
+    ``demo: true``. ``spec`` and ``architecture`` replace the demo's grid and network, under
+    another ``version`` (the benchmarks train one of the seed's size this way). Returns
+    ``out_dir``.
     """
     if train_cases < 1 or val_cases < 1 or test_cases < 1:
         raise ValueError("train_cases, val_cases and test_cases must be positive")
     if epochs < 1 or patience < 1 or batch_size < 1:
         raise ValueError("epochs, patience and batch_size must be positive")
+    _check_spec(spec, architecture)
     out = Path(out_dir)
-    spec = DEMO_SPEC
     base = 1000 * seed
     started = time.perf_counter()
     with ThreadScope(), Reporter(progress, bar) as reporter:
@@ -145,7 +150,7 @@ def train_demo(
         generation_s = time.perf_counter() - started
         reporter.say(f"generated {len(items)} phantoms ({generation_s:.0f} s)")
         train_items, val_items = items[:train_cases], items[train_cases:]
-        network = build_network(DEMO_ARCHITECTURE)
+        network = build_network(architecture)
         result = fit(
             network,
             train_items,
@@ -182,9 +187,9 @@ def train_demo(
         metrics: dict[str, JsonValue] = {"val_dice": round(result.val_dice, 4)}
         draft = _draft(
             name=MODEL_NAME,
-            version=DEMO_VERSION,
+            version=version,
             spec=spec,
-            architecture=DEMO_ARCHITECTURE,
+            architecture=architecture,
             training={**training, "seconds": round(time.perf_counter() - started, 1)},
             metrics=metrics,
             demo=True,
@@ -211,9 +216,9 @@ def train_demo(
             out,
             _draft(
                 name=MODEL_NAME,
-                version=DEMO_VERSION,
+                version=version,
                 spec=spec,
-                architecture=DEMO_ARCHITECTURE,
+                architecture=architecture,
                 training=training,
                 metrics=metrics,
                 demo=True,
@@ -221,7 +226,7 @@ def train_demo(
             result.state,
         )
         reporter.say(
-            f"wrote {MODEL_NAME} {DEMO_VERSION}: held-out Dice {report['dice_mean']}, "
+            f"wrote {MODEL_NAME} {version}: held-out Dice {report['dice_mean']}, "
             f"HD95 {report['hd95_mm_mean']} mm"
         )
     return out
