@@ -342,6 +342,48 @@ def test_rejects_bad_input_without_phi(source: Dataset) -> None:
         SRReference("1.2.3", "1.2.4", "bad uid", "1.2.5")
 
 
+@pytest.mark.parametrize("damage", ["finding changed", "group removed", "finding removed"])
+def test_a_file_that_reads_back_without_the_finding_is_refused_and_removed(
+    tmp_path: Path, source: Dataset, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """What reaches the disk is checked against what was built: a Measurement Group whose
+    coded finding differs or is missing refuses the file, and it is removed."""
+    import copy
+
+    from worker.outputs import dicom_sr
+
+    sr = _build([source])
+    real_write = dicom_sr.write_dataset_durably
+
+    def write_damaged(ds: Dataset, path: Path) -> None:
+        damaged = copy.deepcopy(ds)
+        measurements = damaged.ContentSequence[-1]
+        assert measurements.ConceptNameCodeSequence[0].CodeValue == "126010"
+        group = measurements.ContentSequence[0]
+        (finding,) = [
+            item
+            for item in group.ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue == "121071"
+        ]
+        if damage == "finding changed":
+            finding.ConceptCodeSequence[0].CodeValue = "363358000"
+        elif damage == "group removed":
+            del measurements.ContentSequence[0]
+            measurements.ContentSequence.append(group.ContentSequence[0])  # not a group
+        else:  # (highdicom's ContentSequence.remove compares items loosely)
+            group.ContentSequence = [item for item in group.ContentSequence if item is not finding]
+        real_write(damaged, path)
+
+    monkeypatch.setattr(dicom_sr, "write_dataset_durably", write_damaged)
+    target = tmp_path / "sr.dcm"
+    with pytest.raises(ValueError, match="finding"):
+        write_and_read_back(sr, target)
+    assert not target.exists()
+    monkeypatch.setattr(dicom_sr, "write_dataset_durably", real_write)
+    back = write_and_read_back(sr, target)
+    assert back.SOPInstanceUID == sr.SOPInstanceUID
+
+
 def test_write_and_read_back_rejects_non_sr(tmp_path: Path) -> None:
     target = tmp_path / "not_sr.dcm"
     with pytest.raises(ValueError):

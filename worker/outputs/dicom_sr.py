@@ -273,15 +273,52 @@ def write_and_read_back(ds: Dataset, path: Path) -> Dataset:
     over ``path``. It is then read back once and checked against ``ds``
     (:func:`~worker.outputs.sr_library.read_back_measurement_report`: UIDs and file
     meta, TID 1500 root, Image Library, evidence, and the content tree parsed with
-    highdicom); the report must hold an image measurement group. Returns the dataset as
-    read back. Raises ``ValueError`` (and removes the file) when the check fails.
+    highdicom); its Measurement Groups must carry the coded findings written. Returns the
+    dataset as read back. Raises ``ValueError`` (and removes the file) when the check fails.
     """
     path = Path(path)
     if str(ds.get("SOPClassUID", "")) != COMPREHENSIVE_3D_SR_STORAGE:
         raise ValueError("not a Comprehensive 3D SR instance")
+    written = _group_findings(ds)
     write_dataset_durably(ds, path)
     with removed_on_failure(path):
-        back, report = read_back_measurement_report(path, ds)
-        if not report.get_image_measurement_groups():
-            raise ValueError("SR read back has no measurement group")
+        back, _report = read_back_measurement_report(path, ds)
+        found = _group_findings(back)
+        if not found:
+            raise ValueError("SR read back has no measurement group with a finding")
+        if found != written:
+            raise ValueError("SR read back has different findings")
     return back
+
+
+def _group_findings(ds: Dataset) -> list[tuple[str, str]]:
+    """The coded Finding (121071, DCM) of each Measurement Group under Imaging Measurements.
+
+    Read from the dataset's own tree, which the read-back check has had highdicom parse
+    whole: highdicom's ``get_image_measurement_groups`` would deep-copy every group only to
+    be counted here.
+    """
+    findings = []
+    for item in ds.get("ContentSequence", []):
+        if _concept(item) != _IMAGING_MEASUREMENTS:
+            continue
+        for group in item.get("ContentSequence", []):
+            if _concept(group) != _MEASUREMENT_GROUP or group.get("ValueType") != "CONTAINER":
+                continue
+            for entry in group.get("ContentSequence", []):
+                if _concept(entry) == _FINDING and entry.get("ValueType") == "CODE":
+                    code = entry.ConceptCodeSequence[0]
+                    findings.append((str(code.CodeValue), str(code.CodingSchemeDesignator)))
+    return findings
+
+
+_IMAGING_MEASUREMENTS = (codes.DCM.ImagingMeasurements.value, "DCM")
+_MEASUREMENT_GROUP = (codes.DCM.MeasurementGroup.value, "DCM")
+_FINDING = (codes.DCM.Finding.value, "DCM")
+
+
+def _concept(item: Dataset) -> tuple[str, str] | None:
+    names = item.get("ConceptNameCodeSequence")
+    if not names:
+        return None
+    return str(names[0].CodeValue), str(names[0].CodingSchemeDesignator)
