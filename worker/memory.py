@@ -22,7 +22,6 @@ Only glibc has these settings; elsewhere nothing changes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import sys
 
@@ -49,7 +48,7 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols: its C library's among them
         mallopt = libc.mallopt
         version = libc.gnu_get_libc_version  # glibc only: musl's mallopt does nothing
     except (OSError, AttributeError):
