@@ -187,7 +187,7 @@ def write_reference_cxr_bundle(out: Path) -> None:
     }
     (out / "configs" / "metadata.json").write_text(json.dumps(metadata), encoding="utf-8")
     (out / "configs" / "inference.json").write_text(
-        json.dumps({"bundle_root": ".", "network": "$@network_def"}), encoding="utf-8"
+        json.dumps({"bundle_root": "."}), encoding="utf-8"
     )
 
 
