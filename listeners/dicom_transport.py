@@ -47,7 +47,6 @@ import traceback
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import PurePath
-from types import TracebackType
 from typing import Any
 
 from pydicom.uid import UID
@@ -65,15 +64,13 @@ from pynetdicom.utils import make_target
 log = logging.getLogger("carebridge.dicom")
 
 
-def _where(
-    exc_info: tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None],
-) -> str:
-    """An exception's type and the file and line that raised it, without its message.
+def _where() -> str:
+    """The type of the exception being handled and the file and line that raised it.
 
-    The message of an error raised while a request is decoded or served may quote the
-    request's values (a patient's name among them): it is not logged.
+    Not its message: an error raised while a request is decoded or served may quote the
+    request's values (a patient's name among them).
     """
-    kind, _value, tb = exc_info
+    kind, _value, tb = sys.exc_info()
     if kind is None:
         return "unknown error"
     frames = traceback.extract_tb(tb)
@@ -269,7 +266,7 @@ class EventDrivenDUL(DULServiceProvider):
 
     def _abort_after_error(self) -> None:
         """As pynetdicom does: an error in the reactor aborts the association."""
-        log.error("DICOM upper layer error (%s): aborting the association", _where(sys.exc_info()))
+        log.error("DICOM upper layer error (%s): aborting the association", _where())
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = 0x00
@@ -584,9 +581,7 @@ class DirectResponseDIMSE(DIMSEServiceProvider):
         try:
             assoc._serve_request(request, context_id)
         except Exception:
-            log.error(
-                "C-STORE service error (%s): aborting the association", _where(sys.exc_info())
-            )
+            log.error("C-STORE service error (%s): aborting the association", _where())
             self.dul.event_queue.put("Evt19")
         finally:
             assoc._serving.release()
